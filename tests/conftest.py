@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random models built through the real factory, images made in memory."""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def make_image_bytes(seed: int = 0, size=(40, 30), fmt: str = "PNG", mode: str = "RGB") -> bytes:
+    """A random image encoded as `fmt` bytes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    arr = rng.integers(0, 256, size=(size[1], size[0], channels), dtype=np.uint8)
+    img = Image.fromarray(arr.squeeze(-1) if channels == 1 else arr, mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_encoders():
+    """fusion -> MimicEncoder on the tiny preset (seeded), built once per test session."""
+    from mimic_engine.encoder import MimicEncoder
+
+    cache = {}
+
+    def get(fusion: str = "decoder"):
+        if fusion not in cache:
+            cache[fusion] = MimicEncoder.from_preset("tiny", fusion=fusion, seed=0)
+        return cache[fusion]
+
+    return get
+
+
+@pytest.fixture
+def image_bytes():
+    return make_image_bytes

@@ -1,0 +1,104 @@
+import numpy as np
+import pytest
+import torch
+
+from mimic_engine.config import FUSIONS, preset
+from mimic_engine.errors import ConfigError, InputError
+from mimic_engine.modeling import build_model, gather_visual_tokens
+from mimic_engine.preprocess import Item
+from tests.conftest import make_image_bytes
+
+
+def mixed_items():
+    return [
+        Item(text="a handwritten seven"),
+        Item(images=[make_image_bytes(1)]),
+        Item(text="digit scan with caption", images=[make_image_bytes(2)]),
+        Item(text="two views of one thing", images=[make_image_bytes(3), make_image_bytes(4, fmt="JPEG")]),
+        Item(text="a much longer text item that needs more tokens than the others in this batch do"),
+    ]
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_forward_backward_every_fusion(fusion, tiny_encoders):
+    enc = tiny_encoders(fusion)
+    model = enc.model
+    model.train()
+    batch = enc.preprocessor.collate(mixed_items())
+    out = model(batch)
+    assert out.shape == (5, model.embed_dim)
+    loss = (out @ out.T * model.scale()).logsumexp(-1).mean()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    # the vision tower and the text tower both receive gradient
+    assert model.vision_stage.projector.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+    model.eval()
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_every_kind_of_item_gives_finite_unit_vectors(fusion, tiny_encoders):
+    vecs = tiny_encoders(fusion).encode(mixed_items())
+    assert vecs.dtype == np.float32
+    assert np.isfinite(vecs).all()
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_mixed_batch_equals_items_one_by_one(fusion, tiny_encoders):
+    enc = tiny_encoders(fusion)
+    items = mixed_items()
+    together = enc.encode(items, batch_size=len(items))
+    alone = np.concatenate([enc.encode([it]) for it in items])
+    np.testing.assert_allclose(together, alone, atol=2e-5)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_image_and_caption_both_matter(fusion, tiny_encoders):
+    enc = tiny_encoders(fusion)
+    both, image_only, other_image, text_only = enc.encode([
+        Item(text="caption", images=[make_image_bytes(7)]), Item(images=[make_image_bytes(7)]),
+        Item(text="caption", images=[make_image_bytes(8)]), Item(text="caption"),
+    ])
+    assert not np.allclose(both, image_only, atol=1e-4)
+    assert not np.allclose(both, other_image, atol=1e-4)
+    assert not np.allclose(both, text_only, atol=1e-4)
+
+
+def test_gather_visual_tokens_places_images_in_item_order():
+    tokens = torch.arange(3 * 2 * 1, dtype=torch.float32).view(3, 2, 1)  # 3 images, P=2, H=1
+    counts = torch.tensor([0, 2, 1])
+    vt, vm = gather_visual_tokens(tokens, counts)
+    assert vt.shape == (3, 4, 1) and vm.shape == (3, 4)
+    assert vm.tolist() == [[0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]]
+    assert vt[1, :, 0].tolist() == [0, 1, 2, 3] and vt[2, :2, 0].tolist() == [4, 5]
+
+
+def test_role_calls_exist_and_agree(tiny_encoders):
+    enc = tiny_encoders("decoder")
+    items = mixed_items()[:2]
+    np.testing.assert_allclose(enc.encode(items, role="query"), enc.encode(items, role="document"), atol=1e-6)
+
+
+def test_unknown_config_values_list_the_allowed_ones():
+    with pytest.raises(ConfigError, match="'decoder', 'early', 'late'"):
+        preset("tiny", fusion="middle")
+    with pytest.raises(ConfigError, match="tiny"):
+        preset("huge")
+    with pytest.raises(ConfigError, match="unknown config field"):
+        preset("tiny", **{"fusion.nope": 1})
+    with pytest.raises(ConfigError, match="caption_dropout"):
+        preset("tiny", **{"strategy.caption_dropout": 1.5})
+
+
+def test_item_needs_text_or_image():
+    with pytest.raises(InputError, match="neither"):
+        Item(text="   ")
+
+
+def test_config_round_trips_through_plain_dict():
+    cfg = preset("tiny", fusion="late")
+    build_model(cfg)  # fills the full backbone configs
+    again = type(cfg).from_dict(cfg.to_dict())
+    assert again == cfg

@@ -1,0 +1,50 @@
+import base64
+
+import pytest
+import torch
+
+from mimic_engine.errors import InputError
+from mimic_engine.preprocess import Item, load_image
+from tests.conftest import make_image_bytes
+
+
+@pytest.mark.parametrize("fmt,mode", [("PNG", "RGB"), ("JPEG", "RGB"), ("PNG", "RGBA"), ("GIF", "L"), ("BMP", "RGB")])
+def test_any_pil_format_becomes_normalised_rgb(fmt, mode, tiny_encoders):
+    pre = tiny_encoders().preprocessor
+    px = pre.pixels(make_image_bytes(0, (50, 20), fmt, mode))
+    s = pre.config.vision.image_size
+    assert px.shape == (3, s, s) and px.dtype == torch.float32 and torch.isfinite(px).all()
+
+
+def test_base64_data_url_and_path(tmp_path):
+    raw = make_image_bytes(1)
+    assert load_image(base64.b64encode(raw).decode()).size == (40, 30)
+    assert load_image("data:image/png;base64," + base64.b64encode(raw).decode()).mode == "RGB"
+    p = tmp_path / "x.png"
+    p.write_bytes(raw)
+    assert load_image(str(p)).size == (40, 30)
+
+
+def test_corrupt_inputs_name_the_item(tiny_encoders):
+    pre = tiny_encoders().preprocessor
+    with pytest.raises(InputError, match="doc-7.images\\[0\\].*cannot decode"):
+        pre.collate([Item(text="ok"), Item(images=[b"not an image at all"], name="doc-7")])
+    with pytest.raises(InputError, match="not valid base64"):
+        load_image("@@@not base64@@@", "q")
+    with pytest.raises(InputError, match="exceeds the limit"):
+        load_image(make_image_bytes(0, (100, 100)), "big", max_pixels=5000)
+
+
+def test_truncation_is_reported(tiny_encoders):
+    pre = tiny_encoders().preprocessor
+    ids, mask, truncated = pre.tokenize(["word " * 200, "short", None])
+    assert ids.shape[1] == pre.max_length and truncated == [True, False, False]
+    assert mask[2].sum() == 0 and mask[1].sum() > 0
+    assert ids[0, pre.max_length - 1] == pre.tokenizer.sep_token_id  # the end token survives truncation
+
+
+def test_too_many_images_per_item(tiny_encoders):
+    pre = tiny_encoders().preprocessor
+    n = pre.config.vision.max_images_per_item + 1
+    with pytest.raises(InputError, match="at most"):
+        pre.collate([Item(images=[make_image_bytes(i) for i in range(n)])])

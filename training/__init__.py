@@ -1,0 +1,1 @@
+"""Training loop, losses and sampling (installed as `mimic_engine.training`)."""
