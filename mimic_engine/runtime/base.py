@@ -1,0 +1,80 @@
+"""The one interface every inference backend implements.
+
+    backend.encode(items, role) -> (N, E) float32 unit vectors, in input order
+
+A backend runs the model's two stages; the shared `encode` here preprocesses, runs the vision
+stage only for items that have images, places the visual tokens per item and runs the fusion
+stage. Backends differ only in `run_vision` / `run_fusion` (PyTorch, ONNX Runtime, TensorRT, the
+CUDA-graph backend), so they all see identical inputs.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..modeling import EncoderBatch, gather_visual_tokens
+from ..preprocess import Item, Preprocessor
+
+
+class Backend(ABC):
+    name: str = "abstract"
+
+    def __init__(self, preprocessor: Preprocessor, model_id: str, dim: int):
+        self.preprocessor = preprocessor
+        self.model_id = model_id  # checkpoint sha256 (or "random:<preset>:<fusion>")
+        self.dim = dim
+
+    # ---- stages: torch tensors in, torch tensors out (CPU or the backend's device) ----------------
+    @abstractmethod
+    def run_vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) float32 -> (N, P, H) visual tokens."""
+
+    @abstractmethod
+    def run_fusion(self, input_ids, attention_mask, visual_tokens, visual_mask) -> torch.Tensor:
+        """(B, T) int64, (B, T) int64, (B, V, H) float, (B, V) int64 -> (B, E) float32 unit vectors."""
+
+    # ---- shared -------------------------------------------------------------------------------
+    def encode_batch(self, batch: EncoderBatch, role: str = "document") -> np.ndarray:
+        b = len(batch)
+        if batch.pixel_values.shape[0]:
+            tokens = self.run_vision(batch.pixel_values)
+            visual_tokens, visual_mask = gather_visual_tokens(tokens, batch.image_counts.to(tokens.device))
+        else:
+            visual_tokens = torch.zeros(b, 0, self.hidden_size, dtype=torch.float32)
+            visual_mask = torch.zeros(b, 0, dtype=torch.long)
+        out = self.run_fusion(batch.input_ids, batch.attention_mask, visual_tokens, visual_mask)
+        return out.float().cpu().numpy()
+
+    def encode(self, items: Sequence[Item], role: str = "document", batch_size: int = 64) -> np.ndarray:
+        order = sorted(range(len(items)), key=lambda i: (len(items[i].images), len(items[i].text or "")))
+        out = np.zeros((len(items), self.dim), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            out[idx] = self.encode_batch(self.preprocessor.collate([items[i] for i in idx]), role)
+        return out
+
+    @property
+    def hidden_size(self) -> int:
+        return self.preprocessor.config.text.hf_config.get("hidden_size") or self.preprocessor.config.text.hf_config["d_model"]
+
+    def warmup(self) -> None:
+        """Run a tiny mixed batch once (allocations, kernel selection, graph capture)."""
+        from PIL import Image
+
+        img = Image.new("RGB", (8, 8), (128, 64, 32))
+        self.encode([Item(text="warm up"), Item(text="warm up", images=[img])])
+
+    def capabilities(self) -> dict:
+        return {"name": self.name, "dim": self.dim, "model_id": self.model_id}
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
