@@ -1,0 +1,152 @@
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from mimic_engine.data.types import DictImageStore, Document, Query, RetrievalDataset
+from mimic_engine.errors import ConfigError
+from mimic_engine.training.losses import contrastive_loss
+from mimic_engine.training.options import parse_options
+from mimic_engine.training.sampling import QueryStream, StrategySettings, make_batch
+from tests.conftest import make_image_bytes
+
+
+def synthetic_dataset(n_img=12, n_txt=12) -> RetrievalDataset:
+    images = {f"i{k}": make_image_bytes(k, (16, 16)) for k in range(n_img)}
+    docs = [Document(f"img{k}", "image", text=f"a picture of thing {k % 4}", image_ids=[f"i{k}"]) for k in range(n_img)]
+    docs += [Document(f"txt{k}", "text", text=f"fact number {k} about things") for k in range(n_txt)]
+    queries = {}
+    for split, ks in (("train", range(0, 8)), ("dev", range(8, 10)), ("test", range(10, 12))):
+        qs = []
+        for k in ks:
+            qs.append(Query(f"{split}-qi{k}", f"show thing {k % 4}", positives=[f"img{j}" for j in range(n_img) if j % 4 == k % 4]))
+            qs.append(Query(f"{split}-qt{k}", f"what is fact {k}?", positives=[f"txt{k}"],
+                            hard_negatives=[f"txt{(k + 1) % n_txt}", f"img{(k + 1) % n_img}"]))
+        queries[split] = qs
+    return RetrievalDataset("synthetic", docs, queries, DictImageStore(images))
+
+
+def settings(p=0.0, mixin=0.0, hard=False):
+    return StrategySettings(caption_dropout=p, caption_dropout_queries=True, mixin=mixin, hard_negatives=hard)
+
+
+def test_caption_dropout_changes_batches_and_is_seeded():
+    ds = synthetic_dataset()
+    queries = [q for q in ds.split("train") if "qi" in q.id]
+
+    def captions(p, seed):
+        b = make_batch(queries, ds, random.Random(seed), settings(p=p))
+        return [it.has_text for it in b.candidate_items], b.stats
+
+    kept, stats0 = captions(0.0, 1)
+    assert all(kept) and stats0["captions_dropped"] == 0
+    dropped, stats1 = captions(1.0, 1)
+    assert not any(dropped) and stats1["captions_dropped"] == len(queries)
+    half_a, _ = captions(0.5, 7)
+    half_b, _ = captions(0.5, 7)
+    assert half_a == half_b  # seeded
+    many = [captions(0.5, s)[1]["captions_dropped"] for s in range(30)]
+    assert 0 < np.mean(many) < len(queries)
+
+
+def test_mixin_adds_unimodal_views_with_rows_and_masks():
+    ds = synthetic_dataset()
+    queries = [q for q in ds.split("train") if "qi" in q.id]
+    plain = make_batch(queries, ds, random.Random(0), settings(mixin=0.0))
+    mixed = make_batch(queries, ds, random.Random(0), settings(mixin=2.0))
+    assert len(plain.query_items) == len(queries)
+    assert mixed.stats["mixin_views"] == 2 * len(queries)
+    assert len(mixed.query_items) == 3 * len(queries) == len(mixed.candidate_items)
+    views = mixed.candidate_items[1:3]
+    assert {("image" if v.images and not v.has_text else "caption" if v.has_text and not v.images else "both") for v in views} == {"image", "caption"}
+    # every row's target is allowed; the other views of the same document are masked out for that row
+    for r, t in enumerate(mixed.targets):
+        assert not mixed.ignore[r, t]
+    assert mixed.ignore[0, 1] and mixed.ignore[0, 2] and mixed.ignore[1, 0]
+
+
+def test_hard_negatives_are_modality_balanced():
+    ds = synthetic_dataset()
+    queries = [q for q in ds.split("train") if "qt" in q.id]
+    mined = {q.id: q.hard_negatives for q in queries}
+    b = make_batch(queries, ds, random.Random(0), settings(hard=True), mined)
+    assert b.stats["hard_negatives"] == 2 * len(queries)
+    assert len(b.candidate_items) == 3 * len(queries)
+
+
+def test_loss_masks_ignored_candidates():
+    q = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    c = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    targets = torch.tensor([0, 1, 2])
+    ignore = torch.zeros(3, 4, dtype=torch.bool)
+    base, _ = contrastive_loss(q, c, torch.tensor(10.0), targets, ignore)
+    ignore[0, 3] = True
+    masked, _ = contrastive_loss(q, c, torch.tensor(10.0), targets, ignore)
+    assert masked < base and torch.isfinite(masked)
+
+
+def test_query_stream_covers_every_query_each_epoch():
+    ds = synthetic_dataset()
+    stream = QueryStream(ds.split("train"), random.Random(0))
+    n = len(stream.queries)
+    seen = [q.id for q in stream.take(n)]
+    assert sorted(seen) == sorted(q.id for q in stream.queries)
+
+
+def test_options_validate_and_merge_config_file(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"fusion": "early", "batch_size": 8}))
+    opts = parse_options(["--config", str(cfg), "--batch-size", "4"])
+    assert opts.fusion == "early" and opts.batch_size == 4
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"bogus": 1}))
+    with pytest.raises(ConfigError, match="bogus"):
+        parse_options(["--config", str(bad)])
+    with pytest.raises(ConfigError, match="caption_dropout"):
+        parse_options(["--caption-dropout", "2"])
+
+
+@pytest.mark.parametrize("fusion", ["decoder", "early", "late"])
+def test_two_step_training_run_writes_a_loadable_checkpoint(fusion, tmp_path, monkeypatch):
+    import mimic_engine.data as data_mod
+    from mimic_engine.encoder import MimicEncoder
+    from mimic_engine.training.train import main
+
+    ds = synthetic_dataset()
+    monkeypatch.setattr(data_mod, "load_dataset", lambda kind, data_dir=None, **kw: ds, raising=False)
+    out = tmp_path / fusion
+    ckpt = main(["--preset", "tiny", "--fusion", fusion, "--data", "jsonl", "--out", str(out), "--steps", "2",
+                 "--batch-size", "4", "--eval-every", "1", "--mixin", "1.0", "--caption-dropout", "0.5", "--no-progress"])
+    assert os.path.isfile(ckpt) and os.path.isfile(out / "last.pt") and os.path.isfile(out / "curves.png")
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["test"]["results"]) == {"1.0", "0.5", "0.0"}
+    enc = MimicEncoder.from_checkpoint(ckpt)
+    assert enc.config.fusion.fusion == fusion and enc.config.strategy.mixin_ratio == 1.0
+    log = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert any("loss" in r and np.isfinite(r["loss"]) for r in log)
+
+    # resume continues from step 2 to 3
+    ckpt2 = main(["--preset", "tiny", "--fusion", fusion, "--data", "jsonl", "--out", str(out), "--steps", "3",
+                  "--batch-size", "4", "--eval-every", "1", "--mixin", "1.0", "--caption-dropout", "0.5",
+                  "--resume", str(out / "last.pt"), "--no-progress"])
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["step"] == 3 and os.path.isfile(ckpt2)
+
+
+def test_mine_writes_modality_tagged_negatives_that_training_reads(tiny_encoders, tmp_path):
+    from mimic_engine.training.loop import load_hard_negatives
+    from mimic_engine.training.mine import mine
+
+    ds = synthetic_dataset()
+    rows = mine(tiny_encoders("decoder"), ds, "train", top=10)
+    assert len(rows) == len(ds.split("train"))
+    for row, q in zip(rows, ds.split("train")):
+        assert row["qid"] == q.id and not set(row["all_negFacts"]) & set(q.positives)
+        assert 10 - len(q.positives) <= len(row["all_negFacts"]) <= 10
+    path = tmp_path / "mined.json"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    mined = load_hard_negatives(str(path))
+    assert set(mined) == {q.id for q in ds.split("train")}

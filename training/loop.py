@@ -1,0 +1,332 @@
+"""The training loop: AdamW, warm-up + cosine schedule, gradient clipping and accumulation, autocast on
+CUDA, periodic dev evaluation with early stopping on MRR@10, best checkpoint, resume, fixed seeds,
+a progress bar, a JSONL metrics log and a PNG of the curves.
+
+Outputs in `out/`: ckpt.pt (best dev MRR@10), last.pt (resume state), metrics.jsonl, curves.png,
+results.json (final dev and test metrics at every caption-keep rate, plus diagnostics).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import time
+
+import numpy as np
+import torch
+
+from mimic_engine.checkpoint import read_checkpoint, save_checkpoint
+from mimic_engine.config import preset
+from mimic_engine.encoder import MimicEncoder
+from mimic_engine.errors import CheckpointError, ConfigError
+from mimic_engine.modeling import build_model
+from mimic_engine.preprocess import load_tokenizer
+
+from .losses import contrastive_loss
+from .options import TrainOptions
+from .sampling import QueryStream, StrategySettings, make_batch
+
+# Per-preset defaults for options the user did not set. `small` is sized so that
+# `python training/train.py --preset small` (demo corpus, 2 CPU cores) ends within 5 minutes.
+PRESET_TRAIN_DEFAULTS = {
+    "tiny": {},
+    "small": {"max_minutes": 3.0, "eval_every": 60},
+    "base": {},
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available here; use --device cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def git_commit() -> str | None:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def param_groups(model, opts: TrainOptions):
+    """Pretrained weights get `lr`, weights trained from scratch get `lr_new`; no decay on biases/norms/scale."""
+    cfg = model.config
+    pretrained_prefixes = []
+    if cfg.text.pretrained and not cfg.random_init:
+        pretrained_prefixes.append("fusion_stage.text.")
+    if cfg.vision.pretrained and not cfg.random_init:
+        pretrained_prefixes.append("vision_stage.model.")
+    frozen_prefixes = {"text": "fusion_stage.text.", "vision": "vision_stage.model."}
+    groups = {}
+    for name, p in model.named_parameters():
+        if any(name.startswith(frozen_prefixes[f]) for f in opts.freeze):
+            p.requires_grad_(False)
+            continue
+        pretrained = any(name.startswith(pfx) for pfx in pretrained_prefixes)
+        no_decay = p.ndim < 2 or name == "logit_scale"
+        key = (pretrained, no_decay)
+        groups.setdefault(key, []).append(p)
+    return [
+        {"params": ps, "lr": opts.lr if pre else opts.lr_new, "base_lr": opts.lr if pre else opts.lr_new,
+         "weight_decay": 0.0 if nd else opts.weight_decay}
+        for (pre, nd), ps in groups.items()
+    ]
+
+
+def lr_factor(progress: float, warmup: float) -> float:
+    """Linear warm-up over the first `warmup` fraction, then cosine to 0. `progress` in [0, 1]."""
+    if warmup > 0 and progress < warmup:
+        return max(progress / warmup, 1e-3)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (progress - warmup) / max(1e-8, 1.0 - warmup))))
+
+
+def load_hard_negatives(path: str | None) -> dict | None:
+    if not path:
+        return None
+    from mimic_engine.errors import DataError
+
+    out = {}
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                out[str(row["qid"])] = [str(d) for d in row["all_negFacts"]]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise DataError(f"{path}:{n}: expected a JSON line with 'qid' and 'all_negFacts' ({exc})") from exc
+    return out
+
+
+class Trainer:
+    def __init__(self, opts: TrainOptions):
+        for key, value in PRESET_TRAIN_DEFAULTS[opts.preset].items():
+            if getattr(opts, key) == getattr(TrainOptions(), key):
+                setattr(opts, key, value)
+        self.opts = opts
+        self.device = resolve_device(opts.device)
+        seed_everything(opts.seed)
+        from mimic_engine.data import load_dataset
+
+        self.dataset = load_dataset(opts.data, opts.data_dir)
+        overrides = {}
+        if opts.caption_dropout is not None:
+            overrides["strategy.caption_dropout"] = opts.caption_dropout
+        if opts.mixin is not None:
+            overrides["strategy.mixin_ratio"] = opts.mixin
+        if opts.caption_dropout_queries is not None:
+            overrides["strategy.caption_dropout_queries"] = opts.caption_dropout_queries
+        self.config = preset(opts.preset, opts.fusion, **overrides)
+        self.model = build_model(self.config).to(self.device)
+        self.tokenizer = load_tokenizer(self.config)
+        self.encoder = MimicEncoder(self.model, self.tokenizer, self.device)
+        self.strategy = StrategySettings(
+            caption_dropout=self.config.strategy.caption_dropout,
+            caption_dropout_queries=self.config.strategy.caption_dropout_queries,
+            mixin=self.config.strategy.mixin_ratio,
+            hard_negatives=opts.hard_negatives is not None,
+        )
+        self.hard_negatives = load_hard_negatives(opts.hard_negatives)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, opts))
+        self.rng = random.Random(opts.seed)
+        self.stream = QueryStream(self.dataset.split("train"), self.rng)
+        if not self.stream.queries:
+            raise ConfigError(f"the {opts.data!r} data has no training queries with positives")
+        use_amp = opts.amp and self.device.type == "cuda"
+        self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if use_amp else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.step = 0
+        self.best = -1.0
+        self.best_step = 0
+        self.evals_without_gain = 0
+        self.elapsed = 0.0
+        os.makedirs(opts.out, exist_ok=True)
+        self.log_path = os.path.join(opts.out, "metrics.jsonl")
+        if opts.resume:
+            self._resume(opts.resume)
+        elif os.path.exists(self.log_path):
+            os.remove(self.log_path)
+
+    # ---- persistence ------------------------------------------------------------------------------
+    def meta(self, **extra) -> dict:
+        return {"step": self.step, "seed": self.opts.seed, "commit": git_commit(), "data": self.opts.data,
+                "train_options": self.opts.to_dict(), "best_dev_mrr10": self.best, **extra}
+
+    def _save_last(self) -> None:
+        state = {
+            "format": "mimic-engine-train-state", "format_version": 1,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "step": self.step, "best": self.best, "best_step": self.best_step,
+            "evals_without_gain": self.evals_without_gain, "elapsed": self.elapsed,
+            "rng_python": self.rng.getstate(), "rng_torch": torch.get_rng_state(), "stream": self.stream.state(),
+            "config": self.config.to_dict(), "train_options": self.opts.to_dict(),
+        }
+        path = os.path.join(self.opts.out, "last.pt")
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+    def _resume(self, path: str) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"cannot resume from {path!r}: {exc.__class__.__name__}: {exc}") from exc
+        if not isinstance(state, dict) or state.get("format") != "mimic-engine-train-state":
+            raise CheckpointError(f"{path!r} is not a training state (expected OUT/last.pt of an earlier run)")
+        if state["config"]["fusion"]["fusion"] != self.config.fusion.fusion or state["config"]["preset"] != self.config.preset:
+            raise CheckpointError(f"{path!r} was trained with preset={state['config']['preset']} "
+                                  f"fusion={state['config']['fusion']['fusion']}; pass the same --preset/--fusion")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.best, self.best_step = state["step"], state["best"], state["best_step"]
+        self.evals_without_gain, self.elapsed = state["evals_without_gain"], state["elapsed"]
+        rs = state["rng_python"]
+        self.rng.setstate((rs[0], tuple(rs[1]), rs[2]))
+        torch.set_rng_state(state["rng_torch"])
+        self.stream.load_state(state["stream"])
+
+    def log(self, record: dict) -> None:
+        with open(self.log_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    # ---- one optimisation step -------------------------------------------------------------------
+    def train_step(self) -> dict:
+        self.model.train()
+        opts = self.opts
+        totals = {"loss": 0.0, "acc": 0.0}
+        stats_sum: dict = {}
+        for _ in range(opts.grad_accum):
+            batch = make_batch(self.stream.take(opts.batch_size), self.dataset, self.rng, self.strategy, self.hard_negatives)
+            pre = self.encoder.preprocessor
+            q_in = pre.collate(batch.query_items).to(self.device)
+            c_in = pre.collate(batch.candidate_items).to(self.device)
+            targets = torch.tensor(batch.targets, device=self.device)
+            ignore = torch.from_numpy(batch.ignore).to(self.device)
+            with torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                q = self.model.encode_queries(q_in)
+                c = self.model.encode_documents(c_in)
+            loss, info = contrastive_loss(q, c, self.model.scale(), targets, ignore)
+            loss = loss / opts.grad_accum
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            totals["loss"] += float(loss.detach())
+            totals["acc"] += info["acc"] / opts.grad_accum
+            for k, v in batch.stats.items():
+                stats_sum[k] = stats_sum.get(k, 0) + v
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], opts.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {**totals, "grad_norm": float(grad_norm), "scale": float(self.model.scale()), **stats_sum}
+
+    def progress(self) -> float:
+        by_steps = self.step / self.opts.steps
+        by_time = self.elapsed / (60.0 * self.opts.max_minutes) if self.opts.max_minutes else 0.0
+        return min(1.0, max(by_steps, by_time))
+
+    def set_lr(self) -> float:
+        f = lr_factor(self.progress(), self.opts.warmup)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * f
+        return f
+
+    # ---- evaluation -------------------------------------------------------------------------------
+    def evaluate(self, split: str, caption_keep, diagnostics: bool = False) -> dict:
+        from mimic_engine.evaluate import evaluate
+        from mimic_engine.evaluate import diagnostics as run_diagnostics
+
+        self.model.eval()
+        res = evaluate(self.encoder, self.dataset, split, caption_keep=tuple(caption_keep), seed=self.opts.seed,
+                       batch_size=self.opts.eval_batch_size, max_queries=self.opts.eval_max_queries)
+        if diagnostics:
+            res["diagnostics"] = run_diagnostics(self.encoder, self.dataset, seed=self.opts.seed)
+        self.model.train()
+        return res
+
+    def maybe_evaluate(self) -> bool:
+        """Dev MRR@10 (captions kept); saves ckpt.pt on improvement. Returns True to stop early."""
+        res = self.evaluate("dev", [1.0])
+        mrr = res["results"]["1.0"]["all"]["MRR@10"]
+        improved = mrr > self.best
+        if improved:
+            self.best, self.best_step, self.evals_without_gain = mrr, self.step, 0
+            save_checkpoint(os.path.join(self.opts.out, "ckpt.pt"), self.model, self.tokenizer,
+                            self.meta(metrics={"dev": res["results"]}))
+        else:
+            self.evals_without_gain += 1
+        self.log({"step": self.step, "elapsed_s": round(self.elapsed, 2), "dev": res["results"]["1.0"], "best": self.best})
+        self._save_last()
+        return self.evals_without_gain >= self.opts.patience
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def fit(self) -> str:
+        from tqdm import tqdm
+
+        opts = self.opts
+        bar = tqdm(total=opts.steps, initial=self.step, disable=not opts.progress, desc=f"train {opts.fusion}",
+                   dynamic_ncols=True)
+        stop_reason = "steps"
+        while self.step < opts.steps:
+            if opts.max_minutes and self.elapsed >= 60.0 * opts.max_minutes:
+                stop_reason = "time budget"
+                break
+            t0 = time.perf_counter()  # the budget counts evaluation time too
+            lr_f = self.set_lr()
+            info = self.train_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{info['loss']:.3f}", acc=f"{info['acc']:.2f}", lr=f"{lr_f:.2f}")
+            if self.step % 10 == 0 or self.step == 1:
+                self.log({"step": self.step, "elapsed_s": round(self.elapsed, 2), "lr_factor": lr_f, **info})
+            stop = self.step % opts.eval_every == 0 and self.maybe_evaluate()
+            self.elapsed += time.perf_counter() - t0
+            if stop:
+                stop_reason = "early stopping"
+                break
+        bar.close()
+        if self.step % opts.eval_every != 0 and stop_reason != "early stopping":
+            self.maybe_evaluate()  # the last steps since the previous evaluation
+        self.log({"event": "stopped", "reason": stop_reason, "step": self.step, "best_step": self.best_step})
+        return os.path.join(opts.out, "ckpt.pt")
+
+
+def final_report(ckpt_path: str, opts: TrainOptions, dataset=None) -> dict:
+    """Evaluate the best checkpoint on dev and test at every caption-keep rate, with diagnostics."""
+    from mimic_engine.evaluate import diagnostics, evaluate
+
+    encoder = MimicEncoder.from_checkpoint(ckpt_path, resolve_device(opts.device))
+    if dataset is None:
+        from mimic_engine.data import load_dataset
+
+        dataset = load_dataset(opts.data, opts.data_dir)
+    report = {"checkpoint": ckpt_path, "fusion": opts.fusion, "preset": opts.preset}
+    for split in ("dev", "test"):
+        if split in dataset.queries and dataset.queries[split]:
+            report[split] = evaluate(encoder, dataset, split, caption_keep=tuple(opts.final_caption_keep),
+                                     seed=opts.seed, batch_size=opts.eval_batch_size)
+    report["diagnostics"] = diagnostics(encoder, dataset, seed=opts.seed)
+    payload = read_checkpoint(ckpt_path)
+    payload["meta"]["final_metrics"] = {s: report[s]["results"] for s in ("dev", "test") if s in report}
+    tmp = ckpt_path + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, ckpt_path)
+    return report

@@ -1,0 +1,153 @@
+"""Training options: defaults < config file (JSON or TOML) < command line.
+
+Every option is plain data and is saved in the checkpoint's `meta["train_options"]`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+from mimic_engine.config import FUSIONS, PRESETS
+from mimic_engine.errors import ConfigError, choice
+
+DATA_KINDS = ("demo", "webqa", "evqa", "jsonl")
+FREEZABLE = ("vision", "text")
+
+
+@dataclass
+class TrainOptions:
+    preset: str = "small"
+    fusion: str = "decoder"
+    data: str = "demo"
+    data_dir: str | None = None
+    out: str = "runs/mimic"
+    device: str = "auto"  # auto = cuda when available
+    seed: int = 0
+    # MiMIC's strategies (None = the preset's default, see mimic_engine.config.TrainingStrategy)
+    caption_dropout: float | None = None
+    mixin: float | None = None
+    caption_dropout_queries: bool | None = None
+    # optimisation
+    batch_size: int = 32  # queries per step; candidates = their positives + mix-in views + hard negatives
+    grad_accum: int = 1
+    steps: int = 2000  # upper bound; `max_minutes` usually ends a CPU run first
+    max_minutes: float | None = None  # wall-clock budget for the training loop (final evaluation not included)
+    lr: float = 5e-5  # pretrained weights
+    lr_new: float = 5e-4  # weights trained from scratch (vision tower of `small`, projector, decoder, heads)
+    weight_decay: float = 0.01
+    warmup: float = 0.06  # fraction of steps
+    grad_clip: float = 1.0
+    freeze: list = field(default_factory=list)  # subset of FREEZABLE
+    amp: bool = True  # autocast on CUDA (bf16 where supported, else fp16 with a grad scaler)
+    # hard negatives: a mined file (WebQA query lines with "all_negFacts"), 1 image + 1 text per query
+    hard_negatives: str | None = None
+    # evaluation / selection
+    eval_every: int = 100
+    eval_max_queries: int | None = None
+    patience: int = 5  # evaluations without improvement of dev MRR@10 before stopping
+    final_caption_keep: list = field(default_factory=lambda: [1.0, 0.5, 0.0])
+    eval_batch_size: int = 128
+    resume: str | None = None  # a last.pt written by an earlier run
+    progress: bool = True
+
+    def validate(self) -> "TrainOptions":
+        choice("preset", self.preset, PRESETS)
+        choice("fusion", self.fusion, FUSIONS)
+        choice("data", self.data, DATA_KINDS)
+        for f in self.freeze:
+            choice("freeze", f, FREEZABLE)
+        for name in ("batch_size", "grad_accum", "steps", "eval_every"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be >= 1")
+        if self.batch_size < 2:
+            raise ConfigError("batch_size must be >= 2: in-batch negatives need other queries")
+        for name in ("caption_dropout",):
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{name}={v} must be in [0, 1]")
+        if self.mixin is not None and not 0.0 <= self.mixin <= 10.0:
+            raise ConfigError(f"mixin={self.mixin} must be in [0, 10] (expected unimodal views per multimodal positive)")
+        for r in self.final_caption_keep:
+            if not 0.0 <= float(r) <= 1.0:
+                raise ConfigError(f"caption-keep rate {r} must be in [0, 1]")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    if path.endswith(".toml"):
+        import tomllib
+
+        data = tomllib.loads(raw.decode())
+    else:
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file {path!r} is not valid JSON ({exc}); use .json or .toml") from exc
+    known = {f.name for f in dataclasses.fields(TrainOptions)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown} in {path!r}; known: {sorted(known)}")
+    return data
+
+
+def _floats(text: str) -> list:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1.0,0.5,0.0, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python training/train.py",
+        description="Train MiMIC (fusion-in-decoder) or the early/late fusion baselines; writes OUT/ckpt.pt (best dev MRR@10).",
+    )
+    p.add_argument("--config", help="JSON or TOML file of options; command-line flags override it")
+    p.add_argument("--preset", choices=PRESETS)
+    p.add_argument("--fusion", choices=FUSIONS)
+    p.add_argument("--data", choices=DATA_KINDS)
+    p.add_argument("--data-dir")
+    p.add_argument("--out")
+    p.add_argument("--device")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--caption-dropout", type=float, help="P(drop an image item's caption); 0 disables")
+    p.add_argument("--mixin", type=float, help="unimodal views per multimodal positive; 0 disables")
+    p.add_argument("--no-query-caption-dropout", dest="caption_dropout_queries", action="store_const", const=False)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--max-minutes", type=float)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--lr-new", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup", type=float)
+    p.add_argument("--grad-clip", type=float)
+    p.add_argument("--freeze", action="append", choices=FREEZABLE)
+    p.add_argument("--no-amp", dest="amp", action="store_const", const=False)
+    p.add_argument("--hard-negatives", help="mined file from `python training/mine.py`")
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--eval-max-queries", type=int)
+    p.add_argument("--patience", type=int)
+    p.add_argument("--caption-keep", dest="final_caption_keep", type=_floats)
+    p.add_argument("--eval-batch-size", type=int)
+    p.add_argument("--resume", help="continue from OUT/last.pt of an earlier run")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False)
+    return p
+
+
+def parse_options(argv: list[str] | None) -> TrainOptions:
+    args = vars(build_parser().parse_args(argv))
+    merged = load_config_file(args.pop("config")) if args.get("config") else {}
+    args.pop("config", None)
+    merged.update({k: v for k, v in args.items() if v is not None})
+    return TrainOptions(**merged).validate()

@@ -1,0 +1,150 @@
+"""Training batches: in-batch candidates, random caption dropout, single-modality mix-in, hard negatives.
+
+One step samples `B` training queries. Each query contributes one *row* (the query) whose target is
+one of its positives (a *candidate*). The candidates of all rows are every row's negatives.
+
+Random caption dropout (MiMIC): each image document that has a caption loses it with probability
+`p` (positives and hard negatives alike), so the model has to find the answer in the pixels. With
+`caption_dropout_queries`, an image query (image + text, e.g. EVQA) loses its text with the same p.
+
+Single-modality mix-in (MiMIC), exact formulation used here: for every positive that is still
+multimodal after dropout (image + caption), add `n = floor(r) + Bernoulli(r - floor(r))` unimodal
+views of it, alternating image-only / caption-only starting from a random one. Each view is a new
+candidate and a new row `(same query -> that view)`, so image-only and caption-only versions of a
+document are both pulled to the query and hence towards each other. `r` is `mixin` (default 0.5:
+on average one view per two multimodal positives).
+
+Hard negatives (MARVEL/UniVL-DR "modality-balanced"): 1 image + 1 text document per query, drawn
+from the query's mined list (`all_negFacts`), added as extra candidates.
+
+Candidates that are positives of a row but not its target (the other views of the same document, or
+another query's positive that also answers this one) are masked out of that row's softmax, so
+in-batch false negatives are never pushed away.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mimic_engine.data.types import Document, Query, RetrievalDataset
+from mimic_engine.preprocess import Item
+
+
+@dataclass
+class TrainingBatch:
+    query_items: list  # R items (rows)
+    candidate_items: list  # C items
+    targets: list  # R ints: the candidate index of each row's positive
+    ignore: np.ndarray  # (R, C) bool: positives of the row other than its target (excluded from its softmax)
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class StrategySettings:
+    caption_dropout: float
+    caption_dropout_queries: bool
+    mixin: float
+    hard_negatives: bool
+
+
+def _doc_item(doc: Document, dataset: RetrievalDataset, keep_caption: bool) -> Item:
+    return doc.to_item(dataset.images, keep_caption=keep_caption)
+
+
+def _is_multimodal(doc: Document, keep_caption: bool) -> bool:
+    return doc.modality == "image" and bool(doc.image_ids) and keep_caption and bool(doc.text and doc.text.strip())
+
+
+def make_batch(queries: list[Query], dataset: RetrievalDataset, rng: random.Random, s: StrategySettings,
+               hard_negatives: dict[str, list[str]] | None = None) -> TrainingBatch:
+    rows_q: list[Query] = []
+    query_items, cand_items, cand_doc_ids, targets = [], [], [], []
+    stats = {"captions_dropped": 0, "captions_seen": 0, "mixin_views": 0, "hard_negatives": 0, "query_text_dropped": 0}
+
+    def add_candidate(doc: Document, keep_caption: bool, view: str | None = None) -> int:
+        if view == "image":
+            item = Item(images=[dataset.images.get(i) for i in doc.image_ids], name=doc.id)
+        elif view == "caption":
+            item = Item(text=doc.text, name=doc.id)
+        else:
+            item = _doc_item(doc, dataset, keep_caption)
+        cand_items.append(item)
+        cand_doc_ids.append(doc.id)
+        return len(cand_items) - 1
+
+    def add_row(query: Query, item: Item, target: int) -> None:
+        rows_q.append(query)
+        query_items.append(item)
+        targets.append(target)
+
+    def keep_caption_of(doc: Document) -> bool:
+        if doc.modality != "image" or not (doc.text and doc.text.strip()):
+            return True
+        stats["captions_seen"] += 1
+        dropped = rng.random() < s.caption_dropout
+        stats["captions_dropped"] += int(dropped)
+        return not dropped
+
+    for q in queries:
+        positives = [d for d in q.positives if dataset.has_doc(d)]
+        if not positives:
+            continue
+        q_item = q.to_item(dataset.images)
+        if s.caption_dropout_queries and q_item.images and q_item.has_text and rng.random() < s.caption_dropout:
+            q_item = Item(images=q_item.images, name=q.id)
+            stats["query_text_dropped"] += 1
+        pos = dataset.doc(rng.choice(positives))
+        keep = keep_caption_of(pos)
+        add_row(q, q_item, add_candidate(pos, keep))
+        if _is_multimodal(pos, keep) and s.mixin > 0:
+            n = math.floor(s.mixin) + int(rng.random() < s.mixin - math.floor(s.mixin))
+            first = rng.choice(["image", "caption"])
+            for k in range(n):
+                view = first if k % 2 == 0 else ("caption" if first == "image" else "image")
+                add_row(q, q_item, add_candidate(pos, True, view))
+                stats["mixin_views"] += 1
+        if s.hard_negatives and hard_negatives:
+            mined = [d for d in hard_negatives.get(q.id, q.hard_negatives) if d not in set(q.positives) and dataset.has_doc(d)]
+            for modality in ("image", "text"):
+                pool = [d for d in mined if dataset.doc(d).modality == modality]
+                if pool:
+                    neg = dataset.doc(rng.choice(pool[:100]))
+                    add_candidate(neg, keep_caption_of(neg))
+                    stats["hard_negatives"] += 1
+
+    positive_sets = [set(q.positives) for q in rows_q]
+    ignore = np.zeros((len(query_items), len(cand_items)), dtype=bool)
+    for r, pos_set in enumerate(positive_sets):
+        for c, doc_id in enumerate(cand_doc_ids):
+            if c != targets[r] and doc_id in pos_set:
+                ignore[r, c] = True
+    return TrainingBatch(query_items, cand_items, targets, ignore, stats)
+
+
+class QueryStream:
+    """Endless shuffled passes over the training queries (a new order each epoch, seeded)."""
+
+    def __init__(self, queries: list[Query], rng: random.Random):
+        self.queries = [q for q in queries if q.positives]
+        self.rng = rng
+        self.order: list[int] = []
+        self.epoch = 0
+
+    def take(self, n: int) -> list[Query]:
+        out = []
+        while len(out) < n:
+            if not self.order:
+                self.order = list(range(len(self.queries)))
+                self.rng.shuffle(self.order)
+                self.epoch += 1
+            out.append(self.queries[self.order.pop()])
+        return out
+
+    def state(self) -> dict:
+        return {"order": list(self.order), "epoch": self.epoch}
+
+    def load_state(self, state: dict) -> None:
+        self.order, self.epoch = list(state["order"]), int(state["epoch"])
