@@ -1,0 +1,332 @@
+"""Retrieval evaluation at several caption-keep rates, and the paper's two pilot-study diagnostics.
+
+    result = evaluate(encoder, dataset, split="dev")          # metrics x100, overall and per modality
+    diag = diagnostics(encoder, dataset)                       # modality collapse, misalignment
+    print(format_table(result, diag))
+
+`encoder` is anything with `.encode(items, role=..., batch_size=...) -> (N, E) float32` (a
+`MimicEncoder` or a runtime `Backend`).
+
+Caption-keep protocol ("WebQA+"/"EVQA+": captions removed from some images; the paper does not say
+how many, so we report several rates): at rate r, an image document keeps its caption iff
+`caption_kept(doc.id, r, seed)` (a deterministic per-document coin, so every model and every run
+sees the same caption-less documents). Text documents and queries never change.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Iterable, Sequence
+
+import click
+import numpy as np
+
+from .data.types import Document, RetrievalDataset, caption_kept
+from .errors import DataError, InputError
+from .metrics import METRICS, exact_topk, mean_metrics, per_query_metrics
+from .preprocess import Item
+
+DEFAULT_KEEP_RATES = (1.0, 0.5, 0.0)
+MODALITIES = ("image", "text")
+ENCODE_CHUNK = 1024  # items built (images read) at a time: the image store is never loaded whole
+
+
+def format_rate(rate: float) -> str:
+    """The key of a caption-keep rate in results: 1.0 -> "1.0", 0.5 -> "0.5", 0.25 -> "0.25"."""
+    text = f"{float(rate):.4f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
+
+
+def _has_caption(doc: Document) -> bool:
+    return doc.modality == "image" and bool(doc.image_ids) and doc.text is not None and doc.text.strip() != ""
+
+
+def _encode(encoder, items: Iterable[Item], n: int, role: str, batch_size: int) -> np.ndarray:
+    """Encode a lazily built stream of `n` items in chunks -> (n, E) float32."""
+    parts, chunk = [], []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == ENCODE_CHUNK:
+            parts.append(np.asarray(encoder.encode(chunk, role=role, batch_size=batch_size), dtype=np.float32))
+            chunk = []
+    if chunk:
+        parts.append(np.asarray(encoder.encode(chunk, role=role, batch_size=batch_size), dtype=np.float32))
+    out = np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+    if out.shape[0] != n:
+        raise InputError(f"the encoder returned {out.shape[0]} vectors for {n} items")
+    return out
+
+
+class _Log:
+    def __init__(self, enabled: bool):
+        self.enabled, self.t0 = enabled, time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        if self.enabled:
+            print(f"[eval {time.perf_counter() - self.t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def _check_rates(caption_keep: Sequence[float]) -> list[float]:
+    rates = [float(r) for r in caption_keep]
+    if not rates or any(not (0.0 <= r <= 1.0) for r in rates):
+        raise InputError(f"caption-keep rates must be numbers in [0, 1], got {list(caption_keep)}; e.g. 1.0,0.5,0.0")
+    return list(dict.fromkeys(rates))  # unique, in the given order
+
+
+def evaluate(encoder, dataset: RetrievalDataset, split: str = "dev", caption_keep: Sequence[float] = DEFAULT_KEEP_RATES,
+             seed: int = 0, batch_size: int = 64, max_queries: int | None = None, progress: bool = False) -> dict:
+    """Retrieve from the whole mixed corpus (exact inner-product top-100) and score the split.
+
+    Returns (metrics x100 at full precision; None for a modality with no query):
+        {"split", "n_queries", "n_documents", "seed",
+         "results": {format_rate(rate): {"all": {metric: float}, "image": {...}, "text": {...}}}}
+    plus "n_queries_by_modality": {"image": int, "text": int}. Queries whose positives mix
+    modalities count in "all" and, when any exist, in an extra "mixed" group.
+
+    Each document is encoded at most twice whatever the rates: text documents and caption-less
+    image documents once; an image document with a caption once with it (if some rate keeps it)
+    and once without (if some rate drops it).
+    """
+    log = _Log(progress)
+    rates = _check_rates(caption_keep)
+    queries = list(dataset.split(split))[: max_queries if max_queries is not None else None]
+    queries = [q for q in queries if q.positives]
+    if not queries:
+        raise DataError(f"{dataset.name}: split {split!r} has no query with a positive to evaluate")
+    docs = dataset.documents
+    if not docs:
+        raise DataError(f"{dataset.name}: the corpus has no documents")
+
+    # ---- documents: encode each needed view once -------------------------------------------------
+    captioned = [i for i, d in enumerate(docs) if _has_caption(d)]
+    keeps = {i: [caption_kept(docs[i].id, r, seed) for r in rates] for i in captioned}
+    full_idx = [i for i in range(len(docs)) if i not in keeps or any(keeps[i])]  # as given (caption kept)
+    bare_idx = [i for i in captioned if not all(keeps[i])]  # caption dropped at some rate
+    log(f"encoding {len(full_idx)} documents as given and {len(bare_idx)} image documents without caption")
+    full = _encode(encoder, (docs[i].to_item(dataset.images, keep_caption=True) for i in full_idx),
+                   len(full_idx), "document", batch_size)
+    bare = _encode(encoder, (docs[i].to_item(dataset.images, keep_caption=False) for i in bare_idx),
+                   len(bare_idx), "document", batch_size)
+    # row of each document in `full` / `bare` (-1: that view was not needed)
+    full_row = np.full(len(docs), -1, dtype=np.int64)
+    full_row[full_idx] = np.arange(len(full_idx))
+    bare_row = np.full(len(docs), -1, dtype=np.int64)
+    bare_row[bare_idx] = np.arange(len(bare_idx))
+    dim = full.shape[1] if len(full_idx) else bare.shape[1]
+
+    # ---- queries -------------------------------------------------------------------------------
+    log(f"encoding {len(queries)} {split} queries")
+    q_vecs = _encode(encoder, (q.to_item(dataset.images) for q in queries), len(queries), "query", batch_size)
+    qrels = {q.id: {d: 1 for d in q.positives} for q in queries}
+    groups: dict[str, list[str]] = {m: [] for m in MODALITIES}
+    for q in queries:
+        groups.setdefault(dataset.positive_modality(q), []).append(q.id)
+
+    # ---- per rate: assemble the corpus matrix, search, score ------------------------------------
+    results = {}
+    for j, rate in enumerate(rates):
+        drop = np.zeros(len(docs), dtype=bool)  # (N,) caption dropped at this rate
+        drop[[i for i in captioned if not keeps[i][j]]] = True
+        doc_vecs = np.empty((len(docs), dim), dtype=np.float32)  # (N, E)
+        if (~drop).any():
+            doc_vecs[~drop] = full[full_row[~drop]]
+        if drop.any():
+            doc_vecs[drop] = bare[bare_row[drop]]
+        _, top = exact_topk(q_vecs, doc_vecs, k=100)  # (Q, 100) doc indices
+        run = {q.id: [docs[t].id for t in top[n]] for n, q in enumerate(queries)}
+        per_query = per_query_metrics(run, qrels)
+        rate_result = {"all": _percent(mean_metrics(per_query))}
+        for name, qids in groups.items():
+            rate_result[name] = _percent(mean_metrics({qid: per_query[qid] for qid in qids})) if qids else \
+                {m: None for m in METRICS}
+        results[format_rate(rate)] = rate_result
+        log(f"caption-keep {format_rate(rate)}: {int(drop.sum())}/{len(captioned)} captions dropped, "
+            f"MRR@10 {rate_result['all']['MRR@10']:.2f}")
+
+    return {
+        "split": split,
+        "n_queries": len(queries),
+        "n_documents": len(docs),
+        "seed": seed,
+        "results": results,
+        "n_queries_by_modality": {name: len(qids) for name, qids in groups.items()},
+    }
+
+
+def _percent(metrics: dict) -> dict:
+    return {m: 100.0 * v for m, v in metrics.items()}
+
+
+# ---- diagnostics ------------------------------------------------------------------------------
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def diagnostics(encoder, dataset: RetrievalDataset, max_items: int = 500, seed: int = 0, batch_size: int = 64) -> dict:
+    """The paper's pilot-study diagnostics on image documents that have a caption.
+
+    Up to `max_items` such documents are drawn (seeded). For document i with image(s) I_i and
+    caption c_i, all encoded as documents and L2-normalised; cos = cosine similarity, dist = 1 - cos:
+
+    (a) visual modality collapse
+        full_i    = enc(I_i + c_i)
+        bare_i    = enc(I_i)                 caption removed
+        swap_i    = enc(I_{s(i)} + c_i)      image replaced by another drawn document's image
+                                             (s = a random cyclic shift: never the document itself)
+        caption_removal_shift = mean_i dist(full_i, bare_i)
+        image_swap_shift      = mean_i dist(full_i, swap_i)
+        collapse_ratio        = caption_removal_shift / max(image_swap_shift, 1e-6)
+        A model that ignores pixels barely moves when the image is swapped: a high ratio is collapse.
+
+    (b) semantic misalignment, with text_i = enc(c_i) (the caption as a text item) and bare_i:
+        matched_cosine   = mean_i cos(text_i, bare_i)
+        unmatched_cosine = mean_{i != j} cos(text_i, bare_j)
+        alignment_gap    = matched_cosine - unmatched_cosine   (small = related items not closer)
+        modality_gap     = || mean_i bare_i - mean_i text_i ||_2  (distance between the centroids of
+                           the image-only and the text-only embeddings)
+
+    Returns {"n_items", "seed", "modality_collapse": {...}, "semantic_alignment": {...}}.
+    Raises DataError when fewer than 2 image documents have a caption.
+    """
+    eligible = [d for d in dataset.documents if _has_caption(d)]
+    if len(eligible) < 2:
+        raise DataError(f"{dataset.name}: diagnostics need at least 2 image documents with a caption, "
+                        f"found {len(eligible)}")
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(eligible), size=min(max_items, len(eligible)), replace=False))
+    docs = [eligible[i] for i in pick]
+    n = len(docs)
+    swap = (np.arange(n) + rng.integers(1, n)) % n  # cyclic shift by 1..n-1: no document keeps its image
+
+    images = dataset.images
+    items = {
+        "full": [d.to_item(images, keep_caption=True) for d in docs],
+        "bare": [d.to_item(images, keep_caption=False) for d in docs],
+        "swap": [Item(text=d.text, images=[images.get(i) for i in docs[s].image_ids], name=f"{d.id}+image-of-{docs[s].id}")
+                 for d, s in zip(docs, swap)],
+        "text": [Item(text=d.text, name=f"{d.id}:caption") for d in docs],
+    }
+    vec = {k: _unit(_encode(encoder, v, n, "document", batch_size)) for k, v in items.items()}  # each (n, E)
+
+    def dist(a, b):
+        return float(np.mean(1.0 - np.sum(vec[a] * vec[b], axis=1)))
+
+    removal, swapped = dist("full", "bare"), dist("full", "swap")
+    sims = vec["text"] @ vec["bare"].T  # (n, n): caption i vs image j
+    matched = float(np.mean(np.diag(sims)))
+    unmatched = float((sims.sum() - np.trace(sims)) / (n * (n - 1)))
+    return {
+        "n_items": n,
+        "seed": seed,
+        "modality_collapse": {
+            "caption_removal_shift": removal,
+            "image_swap_shift": swapped,
+            "collapse_ratio": removal / max(swapped, 1e-6),
+        },
+        "semantic_alignment": {
+            "matched_cosine": matched,
+            "unmatched_cosine": unmatched,
+            "alignment_gap": matched - unmatched,
+            "modality_gap": float(np.linalg.norm(vec["bare"].mean(axis=0) - vec["text"].mean(axis=0))),
+        },
+    }
+
+
+# ---- presentation -----------------------------------------------------------------------------
+
+def format_table(result: dict, diagnostics: dict | None = None) -> str:
+    """Fixed-width table: one row per (caption-keep rate, positive modality); metrics x100, 2 decimals."""
+    counts = result.get("n_queries_by_modality", {})
+    head = f"{'caption-keep':>12}  {'positives':<9} {'queries':>7}" + "".join(f"{m:>11}" for m in METRICS)
+    lines = [f"{result['split']} split: {result['n_queries']} queries, {result['n_documents']} documents "
+             f"(caption coin seed {result['seed']})", head, "-" * len(head)]
+    for rate, groups in result["results"].items():
+        for name, metrics in groups.items():
+            n = result["n_queries"] if name == "all" else counts.get(name, "")
+            cells = "".join(f"{'-' if metrics[m] is None else format(metrics[m], '.2f'):>11}" for m in METRICS)
+            lines.append(f"{rate:>12}  {name:<9} {n:>7}{cells}")
+    if diagnostics:
+        mc, sa = diagnostics["modality_collapse"], diagnostics["semantic_alignment"]
+        lines += [
+            "",
+            f"diagnostics on {diagnostics['n_items']} captioned image documents (cosine distance = 1 - cos):",
+            f"  modality collapse:   caption removal shift {mc['caption_removal_shift']:.4f}, "
+            f"image swap shift {mc['image_swap_shift']:.4f}, ratio {mc['collapse_ratio']:.2f} (high = ignores pixels)",
+            f"  semantic alignment:  caption-image cos matched {sa['matched_cosine']:.4f}, "
+            f"unmatched {sa['unmatched_cosine']:.4f}, gap {sa['alignment_gap']:.4f}; "
+            f"modality gap {sa['modality_gap']:.4f}",
+        ]
+    return "\n".join(lines)
+
+
+# ---- command ----------------------------------------------------------------------------------
+
+def _parse_rates(ctx, param, value: str) -> list[float]:
+    try:
+        rates = [float(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers; e.g. 1.0,0.5,0.0") from None
+    if not rates or any(not (0.0 <= r <= 1.0) for r in rates):
+        raise click.BadParameter(f"{value!r}: every caption-keep rate must be a number in [0, 1]; e.g. 1.0,0.5,0.0")
+    return rates
+
+
+@click.command("eval")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--data", "data_kind", type=click.Choice(["demo", "webqa", "evqa", "jsonl"]), required=True,
+              help="Dataset format.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Dataset folder (demo: optional).")
+@click.option("--split", type=click.Choice(["dev", "test"]), default="dev", show_default=True)
+@click.option("--caption-keep", default="1.0,0.5,0.0", show_default=True, callback=_parse_rates,
+              help="Comma-separated caption-keep rates in [0, 1].")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results here.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--max-queries", type=click.IntRange(min=1), default=None, help="Evaluate the first N queries only.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the caption coin and diagnostics draw.")
+@click.option("--no-diagnostics", is_flag=True, help="Skip the modality-collapse / misalignment diagnostics.")
+def eval_command(checkpoint, data_kind, data_dir, split, caption_keep, json_path, batch_size, device,
+                 max_queries, seed, no_diagnostics):
+    """Evaluate CHECKPOINT on a dataset: MRR@10, NDCG@10, Recall@20/100 at each caption-keep rate."""
+    import json
+
+    from .data import load_dataset
+    from .encoder import MimicEncoder
+
+    encoder = MimicEncoder.from_checkpoint(checkpoint, device=device)
+    dataset = load_dataset(data_kind, data_dir)
+    result = evaluate(encoder, dataset, split=split, caption_keep=caption_keep, seed=seed,
+                      batch_size=batch_size, max_queries=max_queries, progress=True)
+    diag, diag_note = None, None
+    if not no_diagnostics:
+        try:
+            diag = diagnostics(encoder, dataset, seed=seed, batch_size=batch_size)
+        except DataError as exc:
+            diag_note = f"diagnostics skipped: {exc}"
+    click.echo(format_table(result, diag))
+    if diag_note:
+        click.echo(diag_note)
+    if json_path:
+        cfg = encoder.config
+        report = {
+            **result,
+            "diagnostics": diag,
+            "model_id": encoder.model_id,
+            "config": {
+                "checkpoint": checkpoint,
+                "preset": cfg.preset,
+                "fusion": cfg.fusion.fusion,
+                "embed_dim": encoder.dim,
+                "strategy": {"caption_dropout": cfg.strategy.caption_dropout,
+                             "mixin_ratio": cfg.strategy.mixin_ratio},
+                "data": data_kind,
+                "data_dir": data_dir,
+                "dataset": dataset.name,
+                "caption_keep": caption_keep,
+                "max_queries": max_queries,
+            },
+        }
+        with open(json_path, "w") as fh:
+            json.dump(report, fh, indent=2)
+        click.echo(f"wrote {json_path}")
