@@ -39,6 +39,67 @@ class DictImageStore:
         return image_id in self.images
 
 
+class FileImageStore:
+    """Image bytes read from files on demand: image id -> path (folders of JPEG/PNG files)."""
+
+    def __init__(self, paths: dict[str, str] | None = None):
+        self.paths = {k: str(v) for k, v in (paths or {}).items()}
+
+    def get(self, image_id: str) -> bytes:
+        path = self.paths.get(image_id)
+        if path is None:
+            raise DataError(f"image id {image_id!r} is not in the image store ({len(self.paths)} image files)")
+        try:
+            with open(path, "rb") as fh:
+                return fh.read()
+        except OSError as exc:
+            raise DataError(f"image {image_id!r}: cannot read {path} ({exc.strerror or exc})") from exc
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self.paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+class ChainImageStore:
+    """Several stores behind one: `get` asks each in order (query images + knowledge-base images)."""
+
+    def __init__(self, *stores: ImageStore):
+        self.stores = stores
+
+    def get(self, image_id: str) -> bytes:
+        for store in self.stores:
+            if image_id in store:
+                return store.get(image_id)
+        raise DataError(f"image id {image_id!r} is in none of the {len(self.stores)} image stores of this dataset")
+
+    def __contains__(self, image_id: str) -> bool:
+        return any(image_id in s for s in self.stores)
+
+
+class DataProblems:
+    """Non-fatal data problems (an id that points nowhere, a query left without positives) collected
+    while reading: `report()` logs one warning per kind with its count and first example. With
+    `strict=True` the first problem raises DataError instead."""
+
+    def __init__(self, source: str, strict: bool = False):
+        self.source = source
+        self.strict = strict
+        self.counts: dict[str, int] = {}
+        self.first: dict[str, str] = {}
+
+    def add(self, kind: str, message: str) -> None:
+        if self.strict:
+            raise DataError(f"{message} (strict mode; pass strict=False to drop such entries with a warning)")
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        self.first.setdefault(kind, message)
+
+    def report(self, logger) -> None:
+        for kind, n in self.counts.items():
+            logger.warning("%s: %d x %s; first: %s", self.source, n, kind, self.first[kind])
+
+
 def caption_kept(doc_id: str, keep_rate: float, seed: int = 0) -> bool:
     """Deterministic per-document coin: keep this image document's caption at `keep_rate`?
 
