@@ -102,3 +102,18 @@ def test_config_round_trips_through_plain_dict():
     build_model(cfg)  # fills the full backbone configs
     again = type(cfg).from_dict(cfg.to_dict())
     assert again == cfg
+
+
+@pytest.mark.parametrize("fusion", ["decoder", "late"])
+def test_text_state_cache_gives_the_same_embeddings(fusion):
+    from mimic_engine.encoder import MimicEncoder
+
+    enc = MimicEncoder.from_preset("tiny", fusion=fusion, seed=3)
+    items = mixed_items()
+    before = enc.encode(items, batch_size=2)
+    enc.model.fusion_stage.text.enable_state_cache()
+    first = enc.encode(items, batch_size=5)  # fills the cache with other padding than the next call
+    again = enc.encode(items, batch_size=2)
+    np.testing.assert_allclose(first, before, atol=2e-5)
+    np.testing.assert_allclose(again, before, atol=2e-5)
+    assert len(enc.model.fusion_stage.text._cache) == len({it.text for it in items})  # None = the empty text

@@ -34,18 +34,18 @@ class TrainOptions:
     batch_size: int = 32  # queries per step; candidates = their positives + mix-in views + hard negatives
     grad_accum: int = 1
     steps: int = 2000  # upper bound; `max_minutes` usually ends a CPU run first
-    max_minutes: float | None = None  # wall-clock budget for the training loop (final evaluation not included)
+    max_minutes: float | None = None  # wall-clock budget of the loop (dev evaluations included, final report not)
     lr: float = 5e-5  # pretrained weights
     lr_new: float = 5e-4  # weights trained from scratch (vision tower of `small`, projector, decoder, heads)
     weight_decay: float = 0.01
     warmup: float = 0.06  # fraction of steps
     grad_clip: float = 1.0
-    freeze: list = field(default_factory=list)  # subset of FREEZABLE
+    freeze: list | None = None  # subset of FREEZABLE; None = the preset's default (training/loop.py); [] = none
     amp: bool = True  # autocast on CUDA (bf16 where supported, else fp16 with a grad scaler)
     # hard negatives: a mined file (WebQA query lines with "all_negFacts"), 1 image + 1 text per query
     hard_negatives: str | None = None
     # evaluation / selection
-    eval_every: int = 100
+    eval_every: int | None = None  # None = the preset's default (training/loop.py)
     eval_max_queries: int | None = None
     patience: int = 5  # evaluations without improvement of dev MRR@10 before stopping
     final_caption_keep: list = field(default_factory=lambda: [1.0, 0.5, 0.0])
@@ -57,10 +57,10 @@ class TrainOptions:
         choice("preset", self.preset, PRESETS)
         choice("fusion", self.fusion, FUSIONS)
         choice("data", self.data, DATA_KINDS)
-        for f in self.freeze:
+        for f in self.freeze or []:
             choice("freeze", f, FREEZABLE)
         for name in ("batch_size", "grad_accum", "steps", "eval_every"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be >= 1")
         if self.batch_size < 2:
             raise ConfigError("batch_size must be >= 2: in-batch negatives need other queries")
@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--warmup", type=float)
     p.add_argument("--grad-clip", type=float)
-    p.add_argument("--freeze", action="append", choices=FREEZABLE)
+    p.add_argument("--freeze", action="append", choices=FREEZABLE + ("none",),
+                   help="freeze a tower (repeatable); 'none' trains everything (default: the preset's choice)")
     p.add_argument("--no-amp", dest="amp", action="store_const", const=False)
     p.add_argument("--hard-negatives", help="mined file from `python training/mine.py`")
     p.add_argument("--eval-every", type=int)
@@ -149,5 +150,7 @@ def parse_options(argv: list[str] | None) -> TrainOptions:
     args = vars(build_parser().parse_args(argv))
     merged = load_config_file(args.pop("config")) if args.get("config") else {}
     args.pop("config", None)
+    if args.get("freeze"):
+        args["freeze"] = [f for f in args["freeze"] if f != "none"]
     merged.update({k: v for k, v in args.items() if v is not None})
     return TrainOptions(**merged).validate()

@@ -70,7 +70,40 @@ class TextBackbone(nn.Module):
         """(B, T) ids -> (B, T, H) input embeddings (before position information for BERT)."""
         return self.model.get_input_embeddings()(input_ids)
 
+    def enable_state_cache(self, max_items: int = 200_000) -> None:
+        """Memoise hidden states per token sequence. Only valid while the text weights do not change
+        (a frozen text tower, as the trainer uses for `small`): then each distinct text is encoded
+        once per run instead of once per step. Rows are keyed by their attended token ids, so the
+        result does not depend on batch padding."""
+        self.requires_grad_(False)
+        self._cache: dict | None = {}
+        self._cache_max = max_items
+
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None) -> torch.Tensor:
+        if getattr(self, "_cache", None) is not None and input_ids is not None:
+            return self._cached_forward(input_ids, attention_mask)
+        return self._forward(input_ids, attention_mask, inputs_embeds)
+
+    def _cached_forward(self, input_ids, attention_mask) -> torch.Tensor:
+        lengths = attention_mask.sum(dim=1).tolist()
+        keys = [tuple(row[:n]) for row, n in zip(input_ids.tolist(), lengths)]
+        todo = [i for i, k in enumerate(keys) if k not in self._cache]
+        if todo:
+            with torch.no_grad():
+                states = self._forward(input_ids[todo], attention_mask[todo], None)  # (len(todo), T, H)
+            for j, i in enumerate(todo):
+                if len(self._cache) < self._cache_max:
+                    self._cache[keys[i]] = states[j, : lengths[i]].clone()
+        out = torch.zeros(*input_ids.shape, self.hidden_size, device=input_ids.device)  # (B, T, H); pads stay 0
+        for i, k in enumerate(keys):
+            cached = self._cache.get(k)
+            if cached is None:  # cache full: compute this row alone
+                with torch.no_grad():
+                    cached = self._forward(input_ids[i : i + 1], attention_mask[i : i + 1], None)[0, : lengths[i]]
+            out[i, : lengths[i]] = cached
+        return out
+
+    def _forward(self, input_ids=None, attention_mask=None, inputs_embeds=None) -> torch.Tensor:
         if self.kind == "t5":
             out = self.model.encoder(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds)
         else:
@@ -124,7 +157,7 @@ class FusionDecoder(nn.Module):
 
         if text.kind == "t5":
             self.stack = None  # the T5 backbone's own (pretrained) decoder, reached through `text`
-            start = text.model.get_input_embeddings().weight[text.model.config.decoder_start_token_id or 0]
+            start = text.model.get_input_embeddings().weight[getattr(text.model.config, "decoder_start_token_id", None) or 0]
             self._t5 = [text]  # a list so the module is not registered twice
         else:
             h, heads = text.hidden_size, config.fusion.decoder_heads
