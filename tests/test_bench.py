@@ -1,0 +1,335 @@
+"""`mimic-engine bench` (model benchmark) and `mimic-engine bench serve` (load generator).
+
+Tiny preset, few iterations, one thread: these check what is reported and how, never speed.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mimic_engine.cli import cli
+
+FAST = ["--preset", "tiny", "--iters", "2", "--warmup", "1", "--batches", "1,2", "--threads", "1"]
+RESULT_KEYS = {"backend", "batch", "latency_ms", "device_ms", "items_per_s", "speedup", "parity", "samples_ms"}
+LATENCY_KEYS = {"median", "p90", "p99", "mean", "min", "n"}
+
+
+def run_cli(args):
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def exporter_available() -> bool:
+    try:
+        from mimic_engine.export.pipeline import export_checkpoint  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_report(report: dict, backends: list[str], batches: list[int], iters: int) -> None:
+    """The documented schema (run_bench's docstring), and the baseline's defining values."""
+    assert report["schema"] == "mimic-engine-bench/1"
+    for key in ("created", "model", "inputs", "settings", "environment", "preprocess_ms", "backends", "results", "recall"):
+        assert key in report, key
+    assert report["settings"]["batches"] == batches
+    assert report["settings"]["baseline"] == "torch"
+    env = report["environment"]
+    assert env["versions"]["torch"] and env["torch_threads"] >= 1 and env["cpu_count"] >= 1
+    assert set(report["preprocess_ms"]) == {str(b) for b in batches}
+    assert [(r["backend"], r["batch"]) for r in report["results"]] == [(n, b) for b in batches for n in backends]
+    for r in report["results"]:
+        assert set(r) == RESULT_KEYS
+        lat = r["latency_ms"]
+        assert set(lat) == LATENCY_KEYS and lat["n"] == iters == len(r["samples_ms"])
+        assert 0 < lat["min"] <= lat["median"] <= lat["p90"] <= lat["p99"]
+        assert r["items_per_s"] == pytest.approx(r["batch"] / (lat["median"] / 1e3))
+        base = next(x for x in report["results"] if x["backend"] == "torch" and x["batch"] == r["batch"])
+        assert r["speedup"] == pytest.approx(base["latency_ms"]["median"] / lat["median"])
+        if r["backend"] == "torch":
+            assert r["speedup"] == 1.0
+            assert abs(r["parity"]["min_cosine"] - 1.0) < 1e-9  # CPU eager fp32 is deterministic
+            assert r["parity"]["max_abs_diff"] == 0.0
+        assert report["backends"][r["backend"]]["status"] == "ok"
+
+
+def check_png(path) -> None:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size[0] > 800 and img.size[1] > 400
+
+
+# ---- model benchmark ------------------------------------------------------------------------------
+def test_bench_torch_end_to_end(tmp_path):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = run_cli(["bench", *FAST, "--backends", "torch", "--no-peak-memory", "--json", str(out),
+                      "--plot", str(png)])
+    report = json.loads(out.read_text())
+    check_report(report, ["torch"], [1, 2], iters=2)
+    assert report["model"]["preset"] == "tiny" and report["model"]["random_weights"] is True
+    assert report["model"]["params"] > 0 and report["model"]["embed_dim"] == 16
+    assert report["inputs"]["text_tokens"] == 32  # the tiny preset's max_length, the default
+    assert report["inputs"]["visual_tokens_per_image"] == 16
+    check_png(png)
+    for word in ("median ms", "speedup", "min cos", "torch"):
+        assert word in result.output
+
+
+def test_bench_onnx_end_to_end(tmp_path):
+    if not exporter_available():
+        pytest.skip("the ONNX exporter (mimic_engine.export.pipeline.export_checkpoint) is not in this installation")
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    run_cli(["bench", *FAST, "--backends", "torch,onnx", "--no-peak-memory", "--json", str(out), "--plot", str(png)])
+    report = json.loads(out.read_text())
+    check_report(report, ["torch", "onnx"], [1, 2], iters=2)
+    for r in report["results"]:
+        assert r["parity"]["min_cosine"] > 0.9999, r  # fp32 ONNX Runtime matches eager fp32
+    check_png(png)
+
+
+def test_unavailable_backend_is_reported_not_fatal(tmp_path):
+    out = tmp_path / "bench.json"
+    # torch-cuda needs a CUDA GPU; on a CPU run it must be listed with its reason, and the rest still runs
+    result = run_cli(["bench", *FAST, "--batches", "2", "--device", "cpu", "--backends", "torch,torch-cuda",
+                      "--no-peak-memory", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["backends"]["torch-cuda"]["status"] == "skipped"
+    assert "cuda" in report["backends"]["torch-cuda"]["reason"].lower()
+    assert [r["backend"] for r in report["results"]] == ["torch"]
+    assert "not run:" in result.output
+
+
+def test_unknown_backend_and_bad_lengths_are_refused():
+    runner = CliRunner()
+    result = runner.invoke(cli, ["bench", *FAST, "--backends", "torch,onnx-fast"])
+    assert result.exit_code != 0 and "onnx-fast" in str(result.exception or result.output)
+    result = runner.invoke(cli, ["bench", *FAST, "--backends", "torch", "--text-len", "999", "--no-peak-memory"])
+    assert result.exit_code != 0 and "max_length" in str(result.exception or result.output)
+    result = runner.invoke(cli, ["bench", "--batch", "4", "--batches", "1,2"])
+    assert result.exit_code != 0 and "not both" in result.output
+
+
+def test_bench_items_token_count_images_and_mix(tiny_encoders):
+    from mimic_engine.bench import InputSpec, bench_items
+
+    pre = tiny_encoders("decoder").preprocessor
+    items = bench_items(pre, 8, InputSpec(text_tokens=12, images_per_item=2, text_only_fraction=0.5, seed=3))
+    batch = pre.collate(items)
+    assert batch.input_ids.shape == (8, 12) and int(batch.attention_mask.sum()) == 8 * 12
+    assert sorted(batch.image_counts.tolist()) == [0, 0, 0, 0, 2, 2, 2, 2]
+    again = bench_items(pre, 8, InputSpec(text_tokens=12, images_per_item=2, text_only_fraction=0.5, seed=3))
+    assert [i.text for i in again] == [i.text for i in items]  # deterministic: a memory probe rebuilds them
+    text_only = pre.collate(bench_items(pre, 3, InputSpec(images_per_item=0)))
+    assert text_only.pixel_values.shape[0] == 0 and text_only.input_ids.shape[1] == pre.max_length
+
+
+def test_text_only_batches_run(tmp_path):
+    out = tmp_path / "bench.json"
+    run_cli(["bench", *FAST, "--batches", "2", "--backends", "torch", "--images-per-item", "0", "--no-peak-memory",
+             "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["inputs"]["images_per_item"] == 0 and len(report["results"]) == 1
+
+
+def test_parity_and_stats_helpers():
+    from mimic_engine.bench import latency_stats, parity
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 8)).astype(np.float32)
+    b = a.copy()
+    b[2] = -b[2]  # one item pointing the other way
+    p = parity(b, a)
+    assert p["min_cosine"] == pytest.approx(-1.0) and p["max_abs_diff"] > 0
+    s = latency_stats([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert s["median"] == 3.0 and s["min"] == 1.0 and s["n"] == 5 and s["p90"] < s["p99"] <= 100.0
+
+
+@pytest.mark.slow
+def test_peak_memory_probe_runs_in_a_fresh_process(tmp_path, tiny_encoders):
+    from mimic_engine.bench import InputSpec, measure_memory
+    from mimic_engine.checkpoint import save_checkpoint
+
+    enc = tiny_encoders("decoder")
+    ckpt = save_checkpoint(str(tmp_path / "ckpt.pt"), enc.model, enc.tokenizer)
+    mem = measure_memory("torch", ckpt, "cpu", 2, InputSpec(), threads=1)
+    assert "error" not in mem, mem
+    assert mem["peak_rss_mb"] >= mem["rss_before_load_mb"] > 0
+    assert mem["peak_rss_added_mb"] == pytest.approx(mem["peak_rss_mb"] - mem["rss_before_load_mb"], abs=0.11)
+    bad = measure_memory("torch", str(tmp_path / "missing.pt"), "cpu", 2, InputSpec(), threads=1)
+    assert "error" in bad and "missing.pt" in bad["error"]
+
+
+def test_recall_cost_against_the_baseline(tmp_path, tiny_encoders):
+    import torch
+
+    from mimic_engine.bench import recall_cost
+    from mimic_engine.runtime.torch_backend import TorchBackend
+
+    enc = tiny_encoders("decoder")
+
+    class Perturbed(TorchBackend):  # a backend that loses precision: its top-10 must differ somewhat
+        def run_fusion(self, *args):
+            out = super().run_fusion(*args)
+            return out + 0.05 * torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+
+    backends = {"torch": TorchBackend.from_encoder(enc), "noisy": Perturbed.from_encoder(enc)}
+    rc = recall_cost(backends, "demo", str(tmp_path / "demo"), "dev", max_queries=20)
+    assert rc["n_queries"] == 20 and rc["n_documents"] > 100
+    base, noisy = rc["per_backend"]["torch"], rc["per_backend"]["noisy"]
+    assert base["overlap_at_10"] == 100.0 and base["delta_recall_at_10"] == 0.0 and base["delta_mrr_at_10"] == 0.0
+    assert 0.0 <= noisy["overlap_at_10"] < 100.0
+    for v in (base, noisy):
+        assert 0.0 <= v["recall_at_10"] <= 100.0 and 0.0 <= v["mrr_at_10"] <= 100.0
+
+
+# ---- bench serve ----------------------------------------------------------------------------------
+class StandIn(BaseHTTPRequestHandler):
+    """A minimal server: /v1/search answers 200, except every 4th request (503) and a wrong key (401)."""
+
+    lock = threading.Lock()
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.lock:
+            self.seen.append(body)
+            n = len(self.seen)
+        if self.headers.get("Authorization") != "Bearer sesame":
+            status = 401
+        elif self.path != "/v1/search":
+            status = 404
+        else:
+            status = 503 if n % 4 == 0 else 200
+        payload = json.dumps({"results": []} if status == 200 else {"error": {"code": str(status)}}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def do_GET(self):  # noqa: N802
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stand_in_server():
+    StandIn.seen = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_serve_counts_add_up(stand_in_server, tmp_path):
+    out = tmp_path / "serve.json"
+    result = run_cli(["bench", "serve", "--url", stand_in_server, "--concurrency", "1,3", "--requests", "20",
+                      "--warmup", "0", "--api-key", "sesame", "--image-fraction", "0.5", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["schema"] == "mimic-engine-bench-serve/1" and report["route"] == "search"
+    assert [lv["concurrency"] for lv in report["levels"]] == [1, 3]
+    for lv in report["levels"]:
+        assert lv["sent"] == 20 == sum(lv["status_counts"].values())
+        assert lv["ok"] + sum(lv["errors"].values()) == lv["sent"]
+        assert lv["ok"] == lv["status_counts"]["200"] == lv["latency_ms"]["n"]
+        assert set(lv["errors"]) == {"503"}
+    assert sum(lv["errors"]["503"] for lv in report["levels"]) == 40 // 4  # the server's every 4th request
+    assert len(StandIn.seen) == 40
+    images = [b["query"]["image"] for b in StandIn.seen if "image" in b["query"]]
+    texts = [b["query"]["text"] for b in StandIn.seen if "image" not in b["query"]]
+    assert images and texts and all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
+    assert "QPS" in result.output and "503: " in result.output
+
+
+def test_serve_counts_errors_by_status(stand_in_server):
+    from mimic_engine.bench_serve import run_serve_bench
+
+    report = run_serve_bench(stand_in_server, [2], requests=6, duration_s=30, route="search", api_key="wrong",
+                             warmup=0)
+    (lv,) = report["levels"]
+    assert lv["sent"] == 6 and lv["ok"] == 0 and lv["errors"] == {"401": 6} and lv["latency_ms"] is None
+
+
+def test_serve_connection_errors_are_counted(stand_in_server):
+    from mimic_engine.bench_serve import run_level
+
+    # a closed port: every request fails without an answer, and each is counted once
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lv = run_level(f"http://127.0.0.1:{port}/v1/search", [{"query": {"text": "x"}}], 2, 5, 30, {})
+    assert lv["sent"] == 5 and lv["ok"] == 0 and list(lv["errors"]) == ["exception:ConnectError"]
+
+
+@pytest.mark.parametrize("url", ["http://10.1.2.3:8000", "http://example.com:8000", "http://192.168.0.5",
+                                 "ftp://127.0.0.1:21", "127.0.0.1:8000"])
+def test_serve_refuses_non_loopback(url):
+    from mimic_engine.bench_serve import check_loopback
+    from mimic_engine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="loopback|http"):
+        check_loopback(url)
+    result = CliRunner().invoke(cli, ["bench", "serve", "--url", url, "--requests", "1"])
+    assert result.exit_code != 0
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000/", "http://localhost:1", "http://[::1]:9000", "http://127.0.0.9"])
+def test_serve_accepts_loopback(url):
+    from mimic_engine.bench_serve import check_loopback
+
+    assert check_loopback(url) == url.rstrip("/")
+
+
+def test_serve_against_the_real_server(tmp_path, tiny_encoders):
+    try:
+        import uvicorn
+
+        from mimic_engine.index.document_index import DocumentIndex
+        from mimic_engine.runtime.torch_backend import TorchBackend
+        from mimic_engine.server.app import create_app
+        from mimic_engine.server.settings import ServerSettings
+    except ImportError as exc:
+        pytest.skip(f"the HTTP server is not available here: {exc}")
+    from mimic_engine.bench_serve import run_serve_bench
+
+    enc = tiny_encoders("decoder")
+    backend = TorchBackend.from_encoder(enc)
+    index = DocumentIndex(str(tmp_path / "index"), backend.dim, backend.model_id)
+    app = create_app(ServerSettings(max_wait_ms=1.0), backend, index)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            threading.Event().wait(0.05)
+        assert server.started, "uvicorn did not start"
+        port = server.servers[0].sockets[0].getsockname()[1]
+        for route in ("embed", "search"):
+            report = run_serve_bench(f"http://127.0.0.1:{port}", [1, 4], requests=12, duration_s=60, route=route,
+                                     warmup=1)
+            for lv in report["levels"]:
+                assert lv["sent"] == 12 == lv["ok"] + sum(lv["errors"].values())
+                assert lv["ok"] == 12, lv  # a healthy server answers every request
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
