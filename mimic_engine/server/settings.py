@@ -1,0 +1,67 @@
+"""Every knob of the HTTP server in one dataclass (the CLI maps options and MIMIC_* env vars onto it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from ..errors import ConfigError
+
+
+@dataclass
+class ServerSettings:
+    # what to serve
+    model: str | None = None  # ckpt.pt or export directory; None = the demo model (CLI trains it once)
+    index: str | None = None  # index directory; None = the default local index
+    backend: str = "auto"
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    threads: int | None = None  # CPU threads per operator (torch / ONNX Runtime); None = library default
+
+    # batching (see mimic_engine.runtime.batcher)
+    batching: bool = True  # False: each request is encoded on its own (benchmark baseline)
+    max_batch: int = 32  # items per model batch
+    max_batch_tokens: int = 8192  # padded (text + visual) tokens per model batch
+    max_wait_ms: float = 5.0  # how long the first item of a batch waits for company
+    max_queue: int = 1024  # items admitted at once; beyond it requests get 503 + Retry-After
+    request_timeout_s: float = 60.0  # a request waiting longer for its batch gets 503
+
+    # limits on requests
+    api_key: str | None = None  # when set, write routes need `Authorization: Bearer <key>` or `X-API-Key`
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_items: int = 64  # items per /v1/embed, documents per /v1/documents
+    max_image_pixels: int = 25_000_000  # width x height of one decoded image (decompression bombs)
+    max_text_chars: int = 20_000  # characters per text; tokens beyond the model's max_length are truncated and reported
+    max_k: int = 1000
+    max_id_chars: int = 512
+
+    # index (None: the index's own value; M and ef_construction apply only when a new index is created)
+    hnsw_m: int | None = None
+    hnsw_ef_construction: int | None = None
+    hnsw_ef: int | None = None
+
+    def validate(self) -> "ServerSettings":
+        positive = ("port", "max_batch", "max_batch_tokens", "max_queue", "max_body_bytes", "max_items",
+                    "max_image_pixels", "max_text_chars", "max_k", "max_id_chars", "threads", "hnsw_m",
+                    "hnsw_ef_construction", "hnsw_ef")
+        for name in positive:
+            value = getattr(self, name)
+            if value is None and (name.startswith("hnsw_") or name == "threads"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if not 0 <= self.max_wait_ms <= 10_000:
+            raise ConfigError(f"max_wait_ms={self.max_wait_ms!r} must be in [0, 10000]")
+        if self.request_timeout_s <= 0:
+            raise ConfigError(f"request_timeout_s={self.request_timeout_s!r} must be > 0")
+        if self.max_items > self.max_queue:
+            raise ConfigError(f"max_items={self.max_items} exceeds max_queue={self.max_queue}: such a request could "
+                              "never be admitted; raise max_queue or lower max_items")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("api_key is empty; leave it unset to disable authentication")
+        return self
+
+    def public(self) -> dict:
+        """The settings without secrets (for /v1/info and logs)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["api_key"] = "set" if self.api_key else None
+        return out
