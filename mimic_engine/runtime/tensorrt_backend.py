@@ -74,14 +74,15 @@ class _Engine:
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, export_dir: str, device: str = "cuda"):
+    def __init__(self, export_dir: str, device: str = "cuda", allow_incomplete: bool = False):
+        """`allow_incomplete` is for the exporter's parity step, which runs before the manifest is final."""
         from mimic_engine.export.artifacts import ExportError, load_export_config, read_manifest
         from mimic_engine.export.tensorrt_build import INSTALL, check_compatible, gpu_identity, read_sidecar
 
         trt = require("tensorrt", INSTALL, "the TensorRT backend")
         if not torch.cuda.is_available():
             raise ConfigError("the TensorRT backend needs a CUDA GPU and torch sees none")
-        manifest = read_manifest(export_dir)
+        manifest = read_manifest(export_dir, require_complete=not allow_incomplete)
         if not manifest.tensorrt:
             why = [s["reason"] for s in manifest.skipped if s.get("step") == "tensorrt"]
             raise ExportError(f"{export_dir!r} holds no TensorRT engines" + (f" ({why[0]})" if why else "") +

@@ -1,0 +1,293 @@
+"""TensorRT engines from the exported ONNX graphs (TensorRT 10 API), and the plain-Python parts
+around them: optimisation profiles, the JSON sidecar of an engine, timing-cache keys.
+
+Engines: one per stage, `tensorrt/vision.plan` and `tensorrt/fusion.plan`, built from the fp16
+ONNX graph as a STRONGLY TYPED network (the graph's Casts say which parts stay fp32; TensorRT
+10.12+ deprecates per-layer precision flags), or from the fp32 graph for an fp32 engine. Name-based
+I/O only (num_io_tensors, set_input_shape, set_tensor_address, execute_async_v3), workspace via
+set_memory_pool_limit. GPU memory and streams come from torch (no pycuda).
+
+An engine is only valid for the TensorRT version and GPU that built it, and for the weights it
+holds: each `.plan` has a `.plan.json` sidecar (TensorRT version, GPU name and compute capability,
+profiles, checkpoint sha256, source ONNX sha256) and `check_compatible` refuses any mismatch with
+a message saying what differs and how to rebuild.
+
+Profiles: two per stage by default, so both ends are tuned: "latency" (opt at batch 1) and
+"throughput" (opt at the largest batch). At run time `select_profile` picks the tightest profile
+that contains a shape.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+from .artifacts import ExportError, ShapeRanges, io_spec, sha256_file, write_json
+
+INSTALL = ("TensorRT 10 for your CUDA version, e.g. `pip install tensorrt-cu12` (from NVIDIA's package index; "
+           "the PyPI package only fetches it from there)")
+DEFAULT_WORKSPACE = 4 << 30  # bytes of scratch memory TensorRT may use while building and running
+
+
+class EngineMismatchError(ExportError):
+    """An engine was built for another checkpoint, GPU or TensorRT version."""
+
+
+class ShapeOutOfProfileError(ExportError):
+    """A run-time shape lies outside every optimisation profile of an engine."""
+
+
+# ---- profiles ----------------------------------------------------------------------------------
+@dataclass
+class Profile:
+    """One optimisation profile: input name -> [min shape, opt shape, max shape]."""
+
+    name: str
+    shapes: dict
+
+    def validate(self) -> "Profile":
+        if not self.shapes:
+            raise ExportError(f"profile {self.name!r} has no input shapes")
+        for inp, triple in self.shapes.items():
+            if len(triple) != 3:
+                raise ExportError(f"profile {self.name!r} input {inp!r}: need [min, opt, max] shapes, got {triple}")
+            lo, opt, hi = (list(s) for s in triple)
+            if not len(lo) == len(opt) == len(hi):
+                raise ExportError(f"profile {self.name!r} input {inp!r}: min/opt/max ranks differ: {lo}, {opt}, {hi}")
+            for d, (a, b, c) in enumerate(zip(lo, opt, hi)):
+                if not (isinstance(a, int) and isinstance(b, int) and isinstance(c, int)) or not 0 < a <= b <= c:
+                    raise ExportError(f"profile {self.name!r} input {inp!r} dim {d}: min={a}, opt={b}, max={c} violates "
+                                      f"1 <= min <= opt <= max (shapes {lo}, {opt}, {hi})")
+        return self
+
+    def contains(self, shapes: dict) -> bool:
+        for inp, shape in shapes.items():
+            lo, _, hi = self.shapes[inp]
+            if len(shape) != len(lo) or any(not a <= s <= c for a, s, c in zip(lo, shape, hi)):
+                return False
+        return True
+
+    def volume(self) -> int:
+        """Sum over inputs of the max shape's element count (smaller = tighter = better tuned)."""
+        total = 0
+        for _, _, hi in self.shapes.values():
+            n = 1
+            for d in hi:
+                n *= d
+            total += n
+        return total
+
+
+def stage_profiles(config, ranges: ShapeRanges, stage: str) -> list[Profile]:
+    """The default profiles of a stage: "latency" (opt = smallest batch) and "throughput" (opt = largest)."""
+    spec = io_spec(config)[stage]
+    b, t, v, n = ranges.batch, ranges.text_len, ranges.visual_tokens, ranges.images
+    out = []
+    for name, batch_opt, images_opt in (("latency", b.min, n.min), ("throughput", b.max, n.max)):
+        sizes = {  # symbolic dim -> (min, opt, max)
+            "num_images": (n.min, images_opt, n.max),
+            "batch": (b.min, batch_opt, b.max),
+            "text_len": (t.min, t.opt, t.max),
+            "visual_len": (v.min, v.opt, v.max),
+        }
+        shapes = {}
+        for tensor in spec["inputs"]:
+            triple = [[], [], []]
+            for dim in tensor["shape"]:
+                for k in range(3):
+                    triple[k].append(sizes[dim][k] if isinstance(dim, str) else int(dim))
+            shapes[tensor["name"]] = triple
+        out.append(Profile(name, shapes).validate())
+    return out
+
+
+def select_profile(profiles: list[Profile], shapes: dict) -> int:
+    """Index of the tightest profile containing `shapes` ({input name: shape}); a clear error if none."""
+    unknown = sorted(set(shapes) - set(profiles[0].shapes)) if profiles else []
+    if unknown or not profiles:
+        raise ShapeOutOfProfileError(f"inputs {unknown} are not inputs of this engine (it has "
+                                     f"{sorted(profiles[0].shapes) if profiles else 'no profiles'})")
+    fitting = [(p.volume(), i) for i, p in enumerate(profiles) if p.contains(shapes)]
+    if not fitting:
+        ranges = "; ".join(f"{p.name}: " + ", ".join(f"{k} {v[0]}..{v[2]}" for k, v in p.shapes.items())
+                           for p in profiles)
+        raise ShapeOutOfProfileError(f"input shapes {shapes} are outside every TensorRT profile ({ranges}); split the "
+                                     "batch, or re-export with wider --batch/--text-len/--visual-tokens ranges")
+    return min(fitting)[1]
+
+
+# ---- the sidecar --------------------------------------------------------------------------------
+@dataclass
+class EngineSidecar:
+    stage: str
+    precision: str  # "fp16" (strongly typed from the fp16 graph) or "fp32"
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str  # "9.0"
+    checkpoint_sha256: str
+    onnx_file: str
+    onnx_sha256: str
+    profiles: list = field(default_factory=list)  # [Profile as dict]
+    inputs: list = field(default_factory=list)  # [{"name", "dtype", "shape"}] as the engine reports them
+    outputs: list = field(default_factory=list)
+    timing_cache: str | None = None
+    build_seconds: float | None = None
+    built: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    format: str = "mimic-engine-tensorrt-sidecar"
+
+    def profile_objects(self) -> list[Profile]:
+        return [Profile(p["name"], {k: [list(s) for s in v] for k, v in p["shapes"].items()}).validate()
+                for p in self.profiles]
+
+
+def sidecar_path(engine_path: str) -> str:
+    return engine_path + ".json"
+
+
+def write_sidecar(engine_path: str, sidecar: EngineSidecar) -> str:
+    path = sidecar_path(engine_path)
+    write_json(path, asdict(sidecar))
+    return path
+
+
+def read_sidecar(engine_path: str) -> EngineSidecar:
+    path = sidecar_path(engine_path)
+    if not os.path.exists(path):
+        raise EngineMismatchError(f"engine {engine_path!r} has no sidecar {os.path.basename(path)}: its TensorRT version, "
+                                  "GPU and checkpoint are unknown, so it is not loaded; rebuild it with `mimic-engine export`")
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+        if data.get("format") != "mimic-engine-tensorrt-sidecar":
+            raise ValueError("format key missing")
+        return EngineSidecar(**data)
+    except (ValueError, TypeError) as exc:
+        raise EngineMismatchError(f"sidecar {path!r} is not readable ({exc}); rebuild the engine with "
+                                  "`mimic-engine export`") from exc
+
+
+def check_compatible(sidecar: EngineSidecar, checkpoint_sha256: str, tensorrt_version: str, gpu_name: str,
+                     compute_capability: str, engine_path: str = "engine") -> None:
+    """Refuse an engine built for another checkpoint, GPU or TensorRT version (names every difference)."""
+    problems = []
+    if sidecar.checkpoint_sha256 != checkpoint_sha256:
+        problems.append(f"it holds checkpoint {sidecar.checkpoint_sha256[:12]}, this export is {checkpoint_sha256[:12]}")
+    if sidecar.tensorrt_version != tensorrt_version:
+        problems.append(f"it was built with TensorRT {sidecar.tensorrt_version}, this is TensorRT {tensorrt_version} "
+                        "(serialized engines are tied to the exact version)")
+    if sidecar.compute_capability != compute_capability or sidecar.gpu_name != gpu_name:
+        problems.append(f"it was built on {sidecar.gpu_name} (compute capability {sidecar.compute_capability}), "
+                        f"this GPU is {gpu_name} ({compute_capability}); kernels are tuned per GPU")
+    if problems:
+        raise EngineMismatchError(f"refusing TensorRT engine {engine_path!r}: " + "; ".join(problems) +
+                                  ". Rebuild it here with `mimic-engine export <ckpt.pt> --out <dir>`")
+
+
+def timing_cache_name(tensorrt_version: str, gpu_name: str, compute_capability: str) -> str:
+    """File name of the timing cache valid for one TensorRT version on one GPU model.
+
+    Tactic timings depend on both, so they are part of the key; the name is filesystem-safe.
+    """
+    gpu = re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-") or "gpu"
+    trt = re.sub(r"[^0-9.]+", "", tensorrt_version) or "unknown"
+    sm = compute_capability.replace(".", "")
+    return f"timing-trt{trt}-sm{sm}-{gpu}.cache"
+
+
+# ---- environment --------------------------------------------------------------------------------
+def gpu_identity(device: int = 0) -> tuple[str, str]:
+    """(GPU name, compute capability "major.minor") through torch."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return torch.cuda.get_device_name(device), f"{major}.{minor}"
+
+
+def availability() -> tuple[bool, str]:
+    """(can build here?, reason when not): TensorRT importable, version 10+, a CUDA GPU visible to torch."""
+    try:
+        import tensorrt as trt
+    except Exception as exc:  # ImportError, or a broken install raising at import
+        return False, (f"the 'tensorrt' package is not importable ({exc.__class__.__name__}: {exc}); install "
+                       f"{INSTALL} on a machine with an NVIDIA GPU")
+    major = int(str(trt.__version__).split(".")[0])
+    if major < 10:
+        return False, f"TensorRT {trt.__version__} is installed; the engines use the TensorRT 10 API: install {INSTALL}"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "torch sees no CUDA GPU (TensorRT engines are built on, and for, the GPU that runs them)"
+    return True, ""
+
+
+# ---- building -----------------------------------------------------------------------------------
+TRT_TO_NAME = {"FLOAT": "float32", "HALF": "float16", "INT64": "int64", "INT32": "int32", "BOOL": "bool",
+               "INT8": "int8", "BF16": "bfloat16"}
+
+
+def build_engine(onnx_path: str, engine_path: str, profiles: list[Profile], checkpoint_sha256: str, stage: str,
+                 precision: str, timing_cache_dir: str, workspace_bytes: int = DEFAULT_WORKSPACE,
+                 log=print) -> EngineSidecar:
+    """Build one engine from one ONNX graph; writes engine_path, its sidecar and the timing cache."""
+    import tensorrt as trt
+
+    for p in profiles:
+        p.validate()
+    gpu_name, cc = gpu_identity()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    # Strongly typed: layer precisions come from the graph's own types and Casts. An fp32 graph
+    # gives an fp32 engine; the fp16 graph an fp16 engine with its fp32 islands.
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(onnx_path):  # by path: external weights beside the graph are found
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT cannot parse {os.path.basename(onnx_path)}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    if precision == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)  # on by default; fp32 parity (1e-4) needs real fp32 matmuls
+
+    cache_name = timing_cache_name(trt.__version__, gpu_name, cc)
+    cache_path = os.path.join(timing_cache_dir, cache_name)
+    cache_bytes = open(cache_path, "rb").read() if os.path.exists(cache_path) else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    for prof in profiles:
+        p = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in prof.shapes.items():
+            p.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
+        config.add_optimization_profile(p)
+
+    start = time.time()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(f"TensorRT failed to build an engine from {os.path.basename(onnx_path)} (see the TensorRT "
+                          "log above); a larger workspace or narrower profiles may help")
+    seconds = time.time() - start
+    os.makedirs(os.path.dirname(engine_path), exist_ok=True)
+    with open(engine_path, "wb") as fh:
+        fh.write(memoryview(serialized))
+    os.makedirs(timing_cache_dir, exist_ok=True)
+    with open(cache_path, "wb") as fh:
+        fh.write(memoryview(config.get_timing_cache().serialize()))
+
+    engine = trt.Runtime(logger).deserialize_cuda_engine(bytes(memoryview(serialized)))
+    io = {"inputs": [], "outputs": []}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        kind = "inputs" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "outputs"
+        dtype = TRT_TO_NAME.get(str(engine.get_tensor_dtype(name)).split(".")[-1], str(engine.get_tensor_dtype(name)))
+        io[kind].append({"name": name, "dtype": dtype, "shape": list(engine.get_tensor_shape(name))})
+    sidecar = EngineSidecar(
+        stage=stage, precision=precision, tensorrt_version=trt.__version__, gpu_name=gpu_name,
+        compute_capability=cc, checkpoint_sha256=checkpoint_sha256, onnx_file=os.path.basename(onnx_path),
+        onnx_sha256=sha256_file(onnx_path), profiles=[asdict(p) for p in profiles], inputs=io["inputs"],
+        outputs=io["outputs"], timing_cache=cache_name, build_seconds=round(seconds, 1),
+    )
+    write_sidecar(engine_path, sidecar)
+    log(f"    built {os.path.basename(engine_path)} ({precision}, {len(profiles)} profiles) in {seconds:.0f} s")
+    return sidecar
