@@ -43,3 +43,14 @@ def tiny_encoders():
 @pytest.fixture
 def image_bytes():
     return make_image_bytes
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Commands under test may call torch.set_num_threads (process-wide); undo it after each test."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)

@@ -23,12 +23,13 @@ def test_round_trip_reproduces_embeddings_in_a_fresh_process(fusion, tiny_encode
     # plain torch.load with weights_only=True must accept the file
     payload = torch.load(path, weights_only=True)
     assert payload["format_version"] == FORMAT_VERSION and payload["meta"]["step"] == 3
+    # same intra-op thread count as this process: float reductions split differently otherwise
     script = (
-        "import json, sys; sys.path.insert(0, %r)\n"
+        "import json, sys, torch; sys.path.insert(0, %r); torch.set_num_threads(%d)\n"
         "from mimic_engine.encoder import MimicEncoder\n"
         "from tests.test_checkpoint import ITEMS\n"
         "print(json.dumps(MimicEncoder.from_checkpoint(%r).encode(ITEMS).tolist()))\n"
-    ) % (str(__import__("pathlib").Path(__file__).parents[1]), path)
+    ) % (str(__import__("pathlib").Path(__file__).parents[1]), torch.get_num_threads(), path)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     np.testing.assert_array_equal(np.asarray(json.loads(out.stdout.strip().splitlines()[-1]), np.float32), expected)

@@ -30,12 +30,12 @@ from .sampling import QueryStream, StrategySettings, make_batch
 
 # Per-preset defaults for options the user did not set. `small` is sized so that
 # `python training/train.py --preset small` (demo corpus, 2 CPU cores) ends within 5 minutes.
-DEFAULTS = {"max_minutes": None, "eval_every": 100, "freeze": []}
+DEFAULTS = {"max_minutes": None, "eval_every": 100, "patience": 5, "freeze": []}
 PRESET_TRAIN_DEFAULTS = {
     "tiny": {},
     # The pretrained MiniLM text tower is frozen: fine-tuning it costs ~5x per step on a CPU while
     # the vision tower (from scratch), the projector and the fusion decoder are what must learn.
-    "small": {"max_minutes": 3.0, "eval_every": 60, "freeze": ["text"]},
+    "small": {"max_minutes": 3.0, "eval_every": 60, "patience": 8, "freeze": ["text"]},
     "base": {},
 }
 
@@ -168,7 +168,8 @@ class Trainer:
     # ---- persistence ------------------------------------------------------------------------------
     def meta(self, **extra) -> dict:
         return {"step": self.step, "seed": self.opts.seed, "commit": git_commit(), "data": self.opts.data,
-                "train_options": self.opts.to_dict(), "best_dev_mrr10": self.best, **extra}
+                "train_options": self.opts.to_dict(), "best_dev_select_mrr10": self.best,
+                "select_keep": self.opts.select_keep, **extra}
 
     def _save_last(self) -> None:
         state = {
@@ -270,9 +271,9 @@ class Trainer:
         return res
 
     def maybe_evaluate(self) -> bool:
-        """Dev MRR@10 (captions kept); saves ckpt.pt on improvement. Returns True to stop early."""
-        res = self.evaluate("dev", [1.0])
-        mrr = res["results"]["1.0"]["all"]["MRR@10"]
+        """Dev MRR@10, averaged over `select_keep` rates; saves ckpt.pt on improvement. True = stop early."""
+        res = self.evaluate("dev", self.opts.select_keep)
+        mrr = float(np.mean([r["all"]["MRR@10"] for r in res["results"].values()]))
         improved = mrr > self.best
         if improved:
             self.best, self.best_step, self.evals_without_gain = mrr, self.step, 0
@@ -280,7 +281,8 @@ class Trainer:
                             self.meta(metrics={"dev": res["results"]}))
         else:
             self.evals_without_gain += 1
-        self.log({"step": self.step, "elapsed_s": round(self.elapsed, 2), "dev": res["results"]["1.0"], "best": self.best})
+        self.log({"step": self.step, "elapsed_s": round(self.elapsed, 2), "dev": res["results"], "select": mrr,
+                  "best": self.best})
         self._save_last()
         return self.evals_without_gain >= self.opts.patience
 

@@ -47,7 +47,11 @@ class TrainOptions:
     # evaluation / selection
     eval_every: int | None = None  # None = the preset's default (training/loop.py)
     eval_max_queries: int | None = None
-    patience: int = 5  # evaluations without improvement of dev MRR@10 before stopping
+    patience: int | None = None  # evaluations without improvement of the selection metric before stopping
+    # Model selection and early stopping: dev MRR@10 averaged over these caption-keep rates. The
+    # default includes 0.0 so that a model is not selected for ignoring its images (same rule for
+    # every fusion); pass 1.0 alone for selection with captions only.
+    select_keep: list = field(default_factory=lambda: [1.0, 0.0])
     final_caption_keep: list = field(default_factory=lambda: [1.0, 0.5, 0.0])
     eval_batch_size: int = 128
     resume: str | None = None  # a last.pt written by an earlier run
@@ -70,7 +74,7 @@ class TrainOptions:
                 raise ConfigError(f"{name}={v} must be in [0, 1]")
         if self.mixin is not None and not 0.0 <= self.mixin <= 10.0:
             raise ConfigError(f"mixin={self.mixin} must be in [0, 10] (expected unimodal views per multimodal positive)")
-        for r in self.final_caption_keep:
+        for r in list(self.final_caption_keep) + list(self.select_keep):
             if not 0.0 <= float(r) <= 1.0:
                 raise ConfigError(f"caption-keep rate {r} must be in [0, 1]")
         return self
@@ -139,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int)
     p.add_argument("--eval-max-queries", type=int)
     p.add_argument("--patience", type=int)
+    p.add_argument("--select-keep", type=_floats, help="caption-keep rates whose mean dev MRR@10 selects the checkpoint")
     p.add_argument("--caption-keep", dest="final_caption_keep", type=_floats)
     p.add_argument("--eval-batch-size", type=int)
     p.add_argument("--resume", help="continue from OUT/last.pt of an earlier run")

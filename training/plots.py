@@ -10,7 +10,7 @@ def plot_curves(metrics_jsonl: str, out_png: str, title: str = "") -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps, loss, acc, ev_steps, ev_mrr = [], [], [], [], []
+    steps, loss, acc, ev_steps, ev_mrr = [], [], [], [], {}
     with open(metrics_jsonl, encoding="utf-8") as fh:
         for line in fh:
             rec = json.loads(line)
@@ -20,7 +20,8 @@ def plot_curves(metrics_jsonl: str, out_png: str, title: str = "") -> str:
                 acc.append(rec["acc"])
             elif "dev" in rec:
                 ev_steps.append(rec["step"])
-                ev_mrr.append(rec["dev"]["all"]["MRR@10"])
+                for rate, res in rec["dev"].items():
+                    ev_mrr.setdefault(rate, []).append(res["all"]["MRR@10"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     axes[0].plot(steps, loss, label="loss", color="tab:blue")
     axes[0].set_xlabel("step")
@@ -29,9 +30,11 @@ def plot_curves(metrics_jsonl: str, out_png: str, title: str = "") -> str:
     twin.plot(steps, acc, label="in-batch acc", color="tab:orange", alpha=0.7)
     twin.set_ylabel("in-batch top-1 accuracy")
     axes[0].set_title("training")
-    axes[1].plot(ev_steps, ev_mrr, marker="o", color="tab:green")
+    for rate, values in ev_mrr.items():
+        axes[1].plot(ev_steps, values, marker="o", label=f"caption keep {rate}")
+    axes[1].legend()
     axes[1].set_xlabel("step")
-    axes[1].set_ylabel("dev MRR@10 (captions kept)")
+    axes[1].set_ylabel("dev MRR@10")
     axes[1].set_title("evaluation")
     if title:
         fig.suptitle(title)

@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> str:
         raise SystemExit(2)
     with open(os.path.join(opts.out, "results.json"), "w", encoding="utf-8") as fh:
         json.dump(report, fh, indent=2)
-    print(f"best checkpoint: {ckpt} (step {trainer.best_step}, dev MRR@10 {trainer.best:.2f}, "
+    print(f"best checkpoint: {ckpt} (step {trainer.best_step}, dev MRR@10 {trainer.best:.2f} "
+          f"averaged over caption-keep {opts.select_keep}, "
           f"{trainer.elapsed / 60:.1f} min in the loop)")
     for split in ("dev", "test"):
         if split in report:
