@@ -117,3 +117,10 @@ def test_text_state_cache_gives_the_same_embeddings(fusion):
     np.testing.assert_allclose(first, before, atol=2e-5)
     np.testing.assert_allclose(again, before, atol=2e-5)
     assert len(enc.model.fusion_stage.text._cache) == len({it.text for it in items})  # None = the empty text
+
+
+def test_base_preset_needs_backbone_folders_or_explicit_random_init(tmp_path):
+    with pytest.raises(ConfigError, match="--random-init"):
+        build_model(preset("base"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_model(preset("base", **{"text.pretrained": str(tmp_path / "missing"), "vision.pretrained": str(tmp_path)}))

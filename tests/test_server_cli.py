@@ -77,8 +77,10 @@ def test_no_arguments_serves_the_demo_model_on_the_demo_index(tiny_encoders, tmp
     result = CliRunner().invoke(server_cli.serve_command, ["--backend", "torch"])
     assert result.exit_code == 0, result.output
     model_dir = tmp_path / "home" / "demo-model"
-    assert calls == [["--preset", "small", "--data", "demo", "--out", str(model_dir)]]
-    assert "training one now" in result.output and "indexing the demo corpus" in result.output
+    # trained in a .partial folder, renamed into place only once training has finished
+    assert calls == [["--preset", "small", "--data", "demo", "--out", str(model_dir) + ".partial"]]
+    assert (model_dir / "ckpt.pt").is_file() and not (tmp_path / "home" / "demo-model.partial").exists()
+    assert "training one now" in result.output and "indexing the demo corpus" in result.output.lower()
     from mimic_engine.data import load_dataset
 
     n_docs = len(load_dataset("demo").documents)
@@ -92,7 +94,7 @@ def test_no_arguments_serves_the_demo_model_on_the_demo_index(tiny_encoders, tmp
     # second start: nothing is trained or rebuilt
     result = CliRunner().invoke(server_cli.serve_command, ["--backend", "torch"])
     assert result.exit_code == 0, result.output
-    assert len(calls) == 1 and "indexing" not in result.output
+    assert len(calls) == 1 and "indexing" not in result.output.lower()
     with TestClient(captured_app["app"]) as client:
         assert client.get("/readyz").json()["documents"] == n_docs
 
@@ -125,3 +127,22 @@ def test_search_command(tiny_ckpt, tiny_encoders, tmp_path):
     assert [h["id"] for h in json.loads(result.stdout)] == ["img"]
     result = runner.invoke(server_cli.search_command, base)
     assert result.exit_code != 0 and "QUERY" in str(result.exception)
+
+
+def test_interrupted_demo_training_resumes_instead_of_serving_a_half_trained_model(tmp_path, monkeypatch, tiny_encoders):
+    monkeypatch.setenv("MIMIC_HOME", str(tmp_path / "home"))
+    partial = tmp_path / "home" / "demo-model.partial"
+    partial.mkdir(parents=True)
+    enc = tiny_encoders("decoder")
+    save_checkpoint(str(partial / "ckpt.pt"), enc.model, enc.tokenizer, {"step": 1})  # best-so-far of a killed run
+    (partial / "last.pt").write_bytes(b"state")
+    calls = []
+
+    def fake_train(argv):
+        calls.append(argv)
+        return str(partial / "ckpt.pt")
+
+    monkeypatch.setattr("mimic_engine.training.train.main", fake_train)
+    ckpt = server_cli.ensure_demo_model()
+    assert calls and calls[0][-2:] == ["--resume", str(partial / "last.pt")]
+    assert ckpt == str(tmp_path / "home" / "demo-model" / "ckpt.pt")

@@ -131,6 +131,14 @@ class Trainer:
             overrides["strategy.mixin_ratio"] = opts.mixin
         if opts.caption_dropout_queries is not None:
             overrides["strategy.caption_dropout_queries"] = opts.caption_dropout_queries
+        if opts.text_model:
+            overrides["text.pretrained"] = opts.text_model
+        if opts.tokenizer or opts.text_model:
+            overrides["text.tokenizer"] = opts.tokenizer or opts.text_model
+        if opts.vision_model:
+            overrides["vision.pretrained"] = opts.vision_model
+        if opts.random_init:
+            overrides["random_init"] = True
         self.config = preset(opts.preset, opts.fusion, **overrides)
         self.model = build_model(self.config).to(self.device)
         self.tokenizer = load_tokenizer(self.config)

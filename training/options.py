@@ -26,6 +26,11 @@ class TrainOptions:
     out: str = "runs/mimic"
     device: str = "auto"  # auto = cuda when available
     seed: int = 0
+    # backbones (the `base` preset needs folders written by save_pretrained, or random_init)
+    text_model: str | None = None  # local T5 / BERT folder
+    vision_model: str | None = None  # local CLIP vision folder
+    tokenizer: str | None = None  # local tokenizer folder (default: text_model)
+    random_init: bool = False
     # MiMIC's strategies (None = the preset's default, see mimic_engine.config.TrainingStrategy)
     caption_dropout: float | None = None
     mixin: float | None = None
@@ -124,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out")
     p.add_argument("--device")
     p.add_argument("--seed", type=int)
+    p.add_argument("--text-model", help="local from_pretrained folder of the text backbone (T5 / BERT)")
+    p.add_argument("--vision-model", help="local from_pretrained folder of the CLIP vision backbone")
+    p.add_argument("--tokenizer", help="local tokenizer folder (default: --text-model)")
+    p.add_argument("--random-init", action="store_const", const=True, help="random backbone weights (benchmarks)")
     p.add_argument("--caption-dropout", type=float, help="P(drop an image item's caption); 0 disables")
     p.add_argument("--mixin", type=float, help="unimodal views per multimodal positive; 0 disables")
     p.add_argument("--no-query-caption-dropout", dest="caption_dropout_queries", action="store_const", const=False)

@@ -4,15 +4,15 @@ One step samples `B` training queries. Each query contributes one *row* (the que
 one of its positives (a *candidate*). The candidates of all rows are every row's negatives.
 
 Random caption dropout (MiMIC): each image document that has a caption loses it with probability
-`p` (positives and hard negatives alike), so the model has to find the answer in the pixels. With
+`p` (default 0.5; positives and hard negatives alike), so the model has to find the answer in the pixels. With
 `caption_dropout_queries`, an image query (image + text, e.g. EVQA) loses its text with the same p.
 
 Single-modality mix-in (MiMIC), exact formulation used here: for every positive that is still
 multimodal after dropout (image + caption), add `n = floor(r) + Bernoulli(r - floor(r))` unimodal
 views of it, alternating image-only / caption-only starting from a random one. Each view is a new
 candidate and a new row `(same query -> that view)`, so image-only and caption-only versions of a
-document are both pulled to the query and hence towards each other. `r` is `mixin` (default 0.5:
-on average one view per two multimodal positives).
+document are both pulled to the query and hence towards each other. `r` is `mixin` (default 1.0:
+one view per multimodal positive).
 
 Hard negatives (MARVEL/UniVL-DR "modality-balanced"): 1 image + 1 text document per query, drawn
 from the query's mined list (`all_negFacts`), added as extra candidates.

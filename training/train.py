@@ -1,8 +1,9 @@
 """Train MiMIC (fusion-in-decoder) or the MARVEL-style (early) / UniVL-DR-style (late) baselines.
 
-    python training/train.py --preset small                      # demo corpus, ~5 minutes on 2 CPU cores
+    python training/train.py --preset small                      # demo corpus, ~3-4 minutes on 2 CPU cores
     python training/train.py --preset small --fusion early       # MARVEL-style baseline
-    python training/train.py --preset base --data webqa --data-dir WEBQA --device cuda
+    python training/train.py --preset base --data webqa --data-dir WEBQA --device cuda \
+        --text-model T5_ANCE_DIR --vision-model CLIP_VIT_B32_DIR --freeze vision
 
 Writes OUT/ckpt.pt (best dev MRR@10), OUT/last.pt (resume), OUT/metrics.jsonl, OUT/curves.png and
 OUT/results.json, and prints the final dev and test metrics at each caption-keep rate.

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..config import MimicConfig
+from ..errors import ConfigError
 from .fusion import FUSION_CLASSES
 from .towers import TextBackbone, VisionStage
 
@@ -104,4 +105,13 @@ class MimicModel(nn.Module):
 def build_model(config: MimicConfig, load_weights: bool = True) -> MimicModel:
     """The one factory: any preset, any fusion. `load_weights=False` skips pretrained folders
     (used when a checkpoint supplies every weight)."""
+    if load_weights and config.preset == "base" and not config.random_init:
+        missing = [name for name, path in (("text", config.text.pretrained), ("vision", config.vision.pretrained))
+                   if path is None]
+        if missing:
+            raise ConfigError(
+                f"preset 'base' builds T5-base + CLIP ViT-B/32 from local from_pretrained folders, but no {' or '.join(missing)} "
+                "folder is set; pass --text-model DIR --vision-model DIR (config text.pretrained / vision.pretrained), "
+                "or --random-init (random_init=True) for random weights, e.g. for benchmarks"
+            )
     return MimicModel(config, load_weights=load_weights)

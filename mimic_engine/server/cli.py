@@ -1,7 +1,7 @@
 """`mimic-engine serve` (the HTTP server) and `mimic-engine search` (one query, no server).
 
 With no arguments both use the demo setup, built on first use so they work on a fresh machine:
-the demo model `<home>/demo-model/ckpt.pt` (trained once, about 5 minutes on 2 CPU cores) and
+the demo model `<home>/demo-model/ckpt.pt` (trained once, about 3-4 minutes on 2 CPU cores) and
 the index `<home>/demo-index` (filled from the demo corpus when empty); `<home>` is $MIMIC_HOME
 or ~/.cache/mimic-engine. Every serve option can also be set by an environment variable
 (MIMIC_<OPTION>, e.g. MIMIC_PORT=9000, MIMIC_API_KEY=...).
@@ -38,15 +38,33 @@ def demo_paths():
 
 
 def ensure_demo_model() -> str:
-    """The demo checkpoint, trained first if missing (once per machine)."""
+    """The demo checkpoint, trained first if missing (once per machine).
+
+    Training runs in `demo-model.partial/` and the folder is renamed into place only when training
+    and its final evaluation have finished, so an interrupted first start never leaves a half-trained
+    model that later starts would take for the real one; the next start resumes from its last.pt.
+    """
+    import os
+    import shutil
+
     ckpt, _ = demo_paths()
     if ckpt.is_file():
         return str(ckpt)
-    click.echo(f"No demo model at {ckpt}: training one now (preset 'small' on the demo corpus, about 5 minutes on "
-               "2 CPU cores; this happens once). Pass --model to serve your own checkpoint or export.", err=True)
+    partial = ckpt.parent.with_name(ckpt.parent.name + ".partial")
+    argv = ["--preset", "small", "--data", "demo", "--out", str(partial)]
+    if (partial / "last.pt").is_file():
+        argv += ["--resume", str(partial / "last.pt")]
+        click.echo(f"Resuming the interrupted training of the demo model in {partial}.", err=True)
+    else:
+        click.echo(f"No demo model at {ckpt}: training one now (preset 'small' on the demo corpus, about 3-4 minutes "
+                   "on 2 CPU cores; this happens once). Pass --model to serve your own checkpoint or export.", err=True)
     from ..training.train import main as train_main
 
-    return train_main(["--preset", "small", "--data", "demo", "--out", str(ckpt.parent)])
+    train_main(argv)
+    if ckpt.parent.exists():  # a stale folder without ckpt.pt
+        shutil.rmtree(ckpt.parent)
+    os.replace(partial, ckpt.parent)
+    return str(ckpt)
 
 
 def open_backend_and_index(settings: ServerSettings, progress: bool = True):
@@ -70,14 +88,16 @@ def open_backend_and_index(settings: ServerSettings, progress: bool = True):
     except BaseException:
         backend.close()
         raise
-    if demo and settings.index is None and index.count() == 0:
+    if demo and settings.index is None:
         from ..data import load_dataset
         from ..index import build_index
 
-        click.echo(f"The demo index at {path} is empty: indexing the demo corpus (once).", err=True)
         dataset = load_dataset("demo")
-        build_index(backend, dataset, index, batch_size=64, progress=progress, source="demo")
-        index.flush()
+        if index.count() < len(dataset.documents):  # empty, or an interrupted first build: add what is missing
+            click.echo(f"Indexing the demo corpus into {path} ({index.count()}/{len(dataset.documents)} there; once).",
+                       err=True)
+            build_index(backend, dataset, index, batch_size=64, progress=progress, source="demo")
+            index.flush()
     return backend, index
 
 
@@ -143,7 +163,8 @@ def serve_command(log_level, **options):
 @click.option("--model", envvar="MIMIC_MODEL", type=click.Path(exists=True), default=None,
               help="Checkpoint or export directory [default: the demo model].")
 @click.option("--backend", envvar="MIMIC_BACKEND", type=click.Choice(BACKENDS), default="auto", show_default=True)
-@click.option("--device", envvar="MIMIC_DEVICE", default="cpu", show_default=True)
+@click.option("--device", envvar="MIMIC_DEVICE", default="auto", show_default=True,
+              help="cpu, cuda, cuda:N or auto (CUDA when available).")
 @click.option("-k", "k", type=click.IntRange(1, 10_000), default=10, show_default=True, help="Results to show.")
 @click.option("--modality", type=click.Choice(["text", "image"]), default=None, help="Only documents of this modality.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")

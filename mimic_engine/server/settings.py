@@ -12,7 +12,7 @@ class ServerSettings:
     model: str | None = None  # ckpt.pt or export directory; None = the demo model (CLI trains it once)
     index: str | None = None  # index directory; None = the default local index
     backend: str = "auto"
-    device: str = "cpu"
+    device: str = "auto"  # auto = CUDA when torch sees a GPU, else CPU
     host: str = "127.0.0.1"
     port: int = 8000
     threads: int | None = None  # CPU threads per operator (torch / ONNX Runtime); None = library default
