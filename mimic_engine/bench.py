@@ -844,9 +844,10 @@ def bench_group(ctx, model, preset, fusion, batch, batches, backends, device, te
 
 
 def _add_serve_command() -> None:
-    from .bench_serve import serve_command
+    from .bench_serve import serve_command, serve_matrix_command
 
     bench_group.add_command(serve_command)
+    bench_group.add_command(serve_matrix_command)
 
 
 _add_serve_command()

@@ -1,6 +1,7 @@
 """`mimic-engine bench serve`: a bounded load generator for a running mimic-engine server.
 
     mimic-engine bench serve --url http://127.0.0.1:8000 --concurrency 1,16 --requests 200 --route search
+    mimic-engine bench serve-matrix --model ckpt.pt --index DIR    # batching on/off x search/embed x 1,16
 
 For each concurrency level c, c worker threads (one keep-alive HTTP client each) send requests
 until `--requests` have been sent or `--duration` seconds have passed, whichever comes first. Every
@@ -18,6 +19,11 @@ import base64
 import io
 import ipaddress
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from urllib.parse import urlsplit
@@ -239,4 +245,71 @@ def serve_command(url, concurrency, requests, duration, route, api_key, image_fr
     if json_path:
         with open(json_path, "w") as fh:
             json.dump(report, fh, indent=2)
+        click.echo(f"wrote {json_path}")
+
+
+# ---- batching on / off, each against a fresh server -------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, index: str, extra: list[str], log_path: str, timeout_s: float = 600.0):
+    """Start `mimic-engine serve` on a free loopback port -> (process, url) once /readyz answers 200."""
+    import httpx
+
+    port = _free_port()
+    log = open(log_path, "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "mimic_engine.cli", "serve", "--model", model, "--index", index,
+                             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *extra],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise MimicError(f"the server exited with status {proc.returncode} before it was ready; see {log_path}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise MimicError(f"the server was not ready within {timeout_s:g} s; see {log_path}")
+
+
+@click.command("serve-matrix")
+@click.option("--model", required=True, type=click.Path(exists=True), help="Checkpoint or export directory to serve.")
+@click.option("--index", required=True, type=click.Path(file_okay=False), help="Index folder (built for that model).")
+@click.option("--backend", default="torch", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Passed to serve --threads.")
+@click.option("--concurrency", default="1,16", show_default=True, callback=_int_list)
+@click.option("--requests", type=click.IntRange(1, MAX_REQUESTS), default=300, show_default=True)
+@click.option("--duration", type=click.FloatRange(0.1, 3600), default=120.0, show_default=True)
+@click.option("--image-fraction", type=click.FloatRange(0, 1), default=0.3, show_default=True)
+@click.option("--log", "log_path", default="bench-serve-matrix.log", show_default=True, help="The servers' output.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write all reports here.")
+def serve_matrix_command(model, index, backend, threads, concurrency, requests, duration, image_fraction, log_path,
+                         json_path):
+    """Dynamic batching on vs off: for each mode a fresh server, then search and embed at each concurrency."""
+    extra = ["--backend", backend] + (["--threads", str(threads)] if threads else [])
+    reports = []
+    for mode in ("--batching", "--no-batching"):
+        proc, url = start_server(model, index, [*extra, mode], log_path)
+        try:
+            for route in ("search", "embed"):
+                report = run_serve_bench(url, concurrency, requests, duration, route, image_fraction=image_fraction)
+                report["batching"] = mode == "--batching"
+                click.echo(f"batching {'on' if report['batching'] else 'off'}: " + format_serve_table(report))
+                reports.append(report)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(reports, fh, indent=2)
         click.echo(f"wrote {json_path}")
