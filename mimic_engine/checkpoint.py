@@ -46,10 +46,15 @@ def tokenizer_files(tokenizer) -> dict:
 def tokenizer_from_files(files: dict):
     from transformers import AutoTokenizer
 
+    if not isinstance(files, dict):
+        raise CheckpointError(f"the checkpoint's tokenizer entry is a {type(files).__name__}, not a dict of files")
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in files.items():
-            if os.path.basename(name) != name:
+            if not isinstance(name, str) or name in ("", ".", "..") or os.path.basename(name) != name \
+                    or "\\" in name or "\0" in name:
                 raise CheckpointError(f"checkpoint tokenizer file name {name!r} is not a plain file name")
+            if not isinstance(data, bytes):
+                raise CheckpointError(f"checkpoint tokenizer file {name!r} holds a {type(data).__name__}, not bytes")
             with open(os.path.join(tmp, name), "wb") as fh:
                 fh.write(data)
         return AutoTokenizer.from_pretrained(tmp, local_files_only=True)

@@ -22,6 +22,7 @@ from .errors import InputError
 ImageSource = Union["PIL.Image.Image", bytes, str, os.PathLike]  # noqa: F821
 
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # decompression-bomb guard (about 6300 x 6300)
+MAX_RESIZE_SIDES = 8  # longer side of the resized image, in crops, beyond which only the crop is resampled
 
 
 @dataclass
@@ -145,9 +146,14 @@ class Preprocessor:
             w, h = img.size
             scale = s / min(w, h)
             nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
-            img = img.resize((nw, nh), Image.BICUBIC)
             left, top = (nw - s) // 2, (nh - s) // 2
-            img = img.crop((left, top, left + s, top + s))
+            if max(nw, nh) <= MAX_RESIZE_SIDES * s:
+                img = img.resize((nw, nh), Image.BICUBIC)
+                img = img.crop((left, top, left + s, top + s))
+            else:  # extreme aspect ratio (e.g. 1 x 25M px): resample only the crop's source region, so the
+                # (nw, nh) intermediate (terabytes for such an image) is never allocated; same sample positions
+                sx, sy = nw / w, nh / h
+                img = img.resize((s, s), Image.BICUBIC, box=(left / sx, top / sy, (left + s) / sx, (top + s) / sy))
         arr = np.asarray(img, dtype=np.float32) / 255.0  # (S, S, 3)
         arr = (arr - np.asarray(vc.image_mean, np.float32)) / np.asarray(vc.image_std, np.float32)
         return torch.from_numpy(arr.transpose(2, 0, 1).copy())

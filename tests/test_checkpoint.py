@@ -60,3 +60,12 @@ def test_bad_files_get_clear_errors(tiny_encoders, tmp_path):
     torch.save(payload, newer)
     with pytest.raises(CheckpointError, match="upgrade mimic-engine"):
         load_checkpoint(str(newer))
+
+
+@pytest.mark.parametrize("files", [{"..": b"x"}, {".": b"x"}, {"": b"x"}, {"../vocab.txt": b"x"}, {"sub/vocab.txt": b"x"},
+                                   {"vocab.txt": "not bytes"}, ["vocab.txt"]])
+def test_tokenizer_files_of_a_checkpoint_must_be_plain_files(files):
+    from mimic_engine.checkpoint import tokenizer_from_files
+
+    with pytest.raises(CheckpointError):
+        tokenizer_from_files(files)

@@ -119,6 +119,22 @@ def test_text_state_cache_gives_the_same_embeddings(fusion):
     assert len(enc.model.fusion_stage.text._cache) == len({it.text for it in items})  # None = the empty text
 
 
+def test_text_state_cache_is_filled_without_dropout_in_training_mode():
+    from mimic_engine.encoder import MimicEncoder
+
+    enc = MimicEncoder.from_preset("tiny", fusion="decoder", seed=3)
+    items = mixed_items()
+    before = enc.encode(items, batch_size=2)  # eval mode, no cache
+    text = enc.model.fusion_stage.text
+    text.enable_state_cache()
+    enc.model.train()  # as the trainer: the memo is filled during training steps
+    with torch.no_grad():
+        enc.model(enc.preprocessor.collate(items))
+    assert text.encoder.training  # the tower's mode is left as the caller set it
+    enc.model.eval()
+    np.testing.assert_allclose(enc.encode(items, batch_size=2), before, atol=2e-5)  # no memoised dropout draw
+
+
 def test_base_preset_needs_backbone_folders_or_explicit_random_init(tmp_path):
     with pytest.raises(ConfigError, match="--random-init"):
         build_model(preset("base"))

@@ -48,3 +48,30 @@ def test_too_many_images_per_item(tiny_encoders):
     n = pre.config.vision.max_images_per_item + 1
     with pytest.raises(InputError, match="at most"):
         pre.collate([Item(images=[make_image_bytes(i) for i in range(n)])])
+
+
+def test_extreme_aspect_ratio_does_not_allocate_the_full_resize(tiny_encoders):
+    from PIL import Image
+
+    pre = tiny_encoders().preprocessor
+    s = pre.config.vision.image_size
+    # resizing the shorter side to S first would need an S x (S * 4M) intermediate (tens of GB)
+    px = pre.image_tensor(Image.new("RGB", (1, 4_000_000), (200, 10, 10)))
+    assert px.shape == (3, s, s) and torch.isfinite(px).all()
+
+
+def test_cropped_resampling_matches_resize_then_crop(tiny_encoders):
+    import numpy as np
+    from PIL import Image
+
+    pre = tiny_encoders().preprocessor
+    s = pre.config.vision.image_size
+    rng = np.random.default_rng(0)
+    for w, h in ((37, 900), (1000, 23)):  # wider than MAX_RESIZE_SIDES crops: the cropped path
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        scale = s / min(w, h)
+        nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+        left, top = (nw - s) // 2, (nh - s) // 2
+        full = img.resize((nw, nh), Image.BICUBIC).crop((left, top, left + s, top + s))
+        want = pre.image_tensor(full)  # already S x S: only normalised
+        np.testing.assert_allclose(pre.image_tensor(img).numpy(), want.numpy(), atol=0.05)

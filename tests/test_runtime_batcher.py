@@ -8,8 +8,8 @@ import pytest
 
 from mimic_engine.errors import ConfigError, InputError
 from mimic_engine.preprocess import Item
-from mimic_engine.runtime.batcher import (DirectEncoder, DynamicBatcher, EncoderClosedError, QueueFullError,
-                                          collate_prepared, prepare)
+from mimic_engine.runtime.batcher import (DirectEncoder, DynamicBatcher, EncoderClosedError, EncodeTimeoutError,
+                                          QueueFullError, collate_prepared, prepare)
 from mimic_engine.runtime.torch_backend import TorchBackend
 from tests.conftest import make_image_bytes
 
@@ -176,6 +176,21 @@ def test_queue_full_is_refused_then_recovers(mode, tiny_encoders):
     assert not errors and len(results) == 2
     assert encoder.queue_depth == 0
     assert encoder.encode([Item(text="after")]).vectors.shape == (1, backend.dim)
+    encoder.close()
+
+
+def test_direct_encoder_times_out_waiting_for_the_model(tiny_encoders):
+    backend = BlockingBackend(tiny_encoders("decoder"))
+    encoder = DirectEncoder(backend, max_batch=2)
+    first = threading.Thread(target=lambda: encoder.encode([Item(text="slow")], timeout=60))
+    first.start()
+    assert backend.started.wait(10)  # the model is busy with the first request
+    with pytest.raises(EncodeTimeoutError):
+        encoder.encode([Item(text="waits")], timeout=0.2)
+    assert encoder.queue_depth == 1  # the timed-out request was released; the running one is left
+    backend.release.set()
+    first.join(30)
+    assert encoder.queue_depth == 0
     encoder.close()
 
 

@@ -212,3 +212,9 @@ def test_no_batching_mode_gives_the_same_answers(tiny_encoders, tmp_path):
         assert c.get("/v1/info").json()["batching"] is False
     expected = backend.encode([Item(text="hello"), Item(images=[CAT])])
     np.testing.assert_allclose(np.asarray(r.json()["embeddings"], np.float32), expected, atol=1e-5)
+
+
+def test_a_closed_index_answers_503_not_400(client):
+    client.app.state.index.close()  # as at shutdown, while a request is still being answered
+    for r in (client.get("/v1/documents/t1"), client.post("/v1/search", json={"query": {"text": "bus"}})):
+        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable", r.text

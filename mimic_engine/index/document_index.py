@@ -48,6 +48,10 @@ DEFAULTS = {"M": 32, "ef_construction": 200, "ef": 128}
 GRAPH_STEP = 256  # documents added to the graph per exclusive-lock hold
 
 
+class IndexClosedError(MimicError):
+    """The index was closed (the server is shutting down)."""
+
+
 class RWLock:
     """Many readers or one writer; a waiting writer blocks new readers (no writer starvation)."""
 
@@ -499,7 +503,7 @@ class DocumentIndex:
     # ---- lifecycle ----------------------------------------------------------------------------
     def _check_open(self):
         if self._closed:
-            raise MimicError(f"index {self.path} is closed")
+            raise IndexClosedError(f"index {self.path} is closed")
 
     def _check_modality(self, modality):
         if modality is not None and modality not in MODALITIES:

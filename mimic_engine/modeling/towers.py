@@ -89,8 +89,7 @@ class TextBackbone(nn.Module):
         keys = [tuple(row[:n]) for row, n in zip(input_ids.tolist(), lengths)]
         todo = [i for i, k in enumerate(keys) if k not in self._cache]
         if todo:
-            with torch.no_grad():
-                states = self._forward(input_ids[todo], attention_mask[todo], None)  # (len(todo), T, H)
+            states = self._frozen_forward(input_ids[todo], attention_mask[todo])  # (len(todo), T, H)
             for j, i in enumerate(todo):
                 if len(self._cache) < self._cache_max:
                     self._cache[keys[i]] = states[j, : lengths[i]].clone()
@@ -98,10 +97,22 @@ class TextBackbone(nn.Module):
         for i, k in enumerate(keys):
             cached = self._cache.get(k)
             if cached is None:  # cache full: compute this row alone
-                with torch.no_grad():
-                    cached = self._forward(input_ids[i : i + 1], attention_mask[i : i + 1], None)[0, : lengths[i]]
+                cached = self._frozen_forward(input_ids[i : i + 1], attention_mask[i : i + 1])[0, : lengths[i]]
             out[i, : lengths[i]] = cached
         return out
+
+    def _frozen_forward(self, input_ids, attention_mask) -> torch.Tensor:
+        """States of the frozen tower as inference computes them: no grad and no dropout, whatever
+        the mode (a training-mode pass would memoise one random dropout draw per text, and the dev
+        evaluations during training would then score other embeddings than the saved model gives)."""
+        encoder = self.encoder
+        was_training = encoder.training
+        encoder.eval()
+        try:
+            with torch.no_grad():
+                return self._forward(input_ids, attention_mask, None)
+        finally:
+            encoder.train(was_training)
 
     def _forward(self, input_ids=None, attention_mask=None, inputs_embeds=None) -> torch.Tensor:
         if self.kind == "t5":

@@ -224,14 +224,21 @@ class DirectEncoder(_EncoderBase):
         self._model_lock = threading.Lock()
 
     def encode(self, items: Sequence[Item], role: str = "document", timeout: float | None = None) -> EncodeResult:
+        deadline = None if timeout is None else time.monotonic() + timeout
         self._admit(len(items))
         try:
             prepared = self._prepare_all(items, role)
             order = sorted(range(len(prepared)), key=lambda i: self._sort_key(prepared[i]))
             vectors = np.zeros((len(items), self.backend.dim), dtype=np.float32)
             for idx in self._cut(order, key=lambda i: prepared[i]):
-                with self._model_lock:
+                wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+                if not self._model_lock.acquire(timeout=wait):  # as the batcher: a request waits at most `timeout`
+                    raise EncodeTimeoutError(f"encoding did not start within {timeout} s; the server is overloaded, "
+                                             "retry later")
+                try:
                     vectors[idx] = self._run([prepared[i] for i in idx], role)
+                finally:
+                    self._model_lock.release()
             return EncodeResult(vectors, [p.truncated for p in prepared])
         finally:
             self._release(len(items))

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InputError, MimicError
+from ..index.document_index import IndexClosedError
 from ..preprocess import Item, decode_base64, load_image
 from ..runtime.batcher import EncodeTimeoutError, EncoderClosedError, QueueFullError, make_encoder
 from .settings import ServerSettings
@@ -286,7 +287,7 @@ def create_app(settings: ServerSettings, backend, index) -> FastAPI:
 
     @app.exception_handler(MimicError)
     async def _mimic_error(request: Request, exc: MimicError):
-        if isinstance(exc, (EncodeTimeoutError, EncoderClosedError)):
+        if isinstance(exc, (EncodeTimeoutError, EncoderClosedError, IndexClosedError)):
             return error_response(503, "unavailable", str(exc), headers={"Retry-After": "1"})
         if isinstance(exc, InputError):
             return error_response(422, "invalid_input", str(exc))
