@@ -22,6 +22,9 @@ from .errors import InputError
 ImageSource = Union["PIL.Image.Image", bytes, str, os.PathLike]  # noqa: F821
 
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # decompression-bomb guard (about 6300 x 6300)
+# Raster formats decoded for items. An allow-list, so that e.g. EPS (which Pillow hands to
+# Ghostscript when installed) is never parsed from untrusted input.
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM", "ICO", "JPEG2000")
 MAX_RESIZE_SIDES = 8  # longer side of the resized image, in crops, beyond which only the crop is resampled
 
 
@@ -84,7 +87,7 @@ def load_image(src: ImageSource, name: str = "image", max_pixels: int = DEFAULT_
         else:
             raise InputError(f"{name}: expected image bytes, a base64 string or a file path, got {type(src).__name__}")
         try:
-            img = Image.open(io.BytesIO(raw))
+            img = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
             w, h = img.size
             if w * h > max_pixels:
                 raise InputError(f"{name}: image of {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}; "

@@ -75,3 +75,15 @@ def test_cropped_resampling_matches_resize_then_crop(tiny_encoders):
         full = img.resize((nw, nh), Image.BICUBIC).crop((left, top, left + s, top + s))
         want = pre.image_tensor(full)  # already S x S: only normalised
         np.testing.assert_allclose(pre.image_tensor(img).numpy(), want.numpy(), atol=0.05)
+
+
+def test_only_raster_formats_are_decoded():
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PCX")  # Pillow reads PCX, but it is not on the allow-list
+    assert Image.open(io.BytesIO(buf.getvalue())).format == "PCX"
+    with pytest.raises(InputError, match="cannot decode"):
+        load_image(buf.getvalue(), "doc")

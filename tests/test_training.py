@@ -150,3 +150,19 @@ def test_mine_writes_modality_tagged_negatives_that_training_reads(tiny_encoders
     path.write_text("\n".join(json.dumps(r) for r in rows))
     mined = load_hard_negatives(str(path))
     assert set(mined) == {q.id for q in ds.split("train")}
+
+
+def test_freezing_the_text_tower_keeps_a_t5_decoder_trainable():
+    from mimic_engine.config import preset
+    from mimic_engine.modeling import build_model
+    from mimic_engine.training.loop import param_groups
+    from mimic_engine.training.options import TrainOptions
+
+    cfg = preset("tiny", **{"text.kind": "t5", "text.hf_config": dict(vocab_size=30522, d_model=32, d_kv=8, d_ff=64,
+                                                                       num_layers=1, num_decoder_layers=1, num_heads=4)})
+    model = build_model(cfg)
+    param_groups(model, TrainOptions(preset="tiny", freeze=["text"]))
+    model.fusion_stage.text.enable_state_cache()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("fusion_stage.text.model.decoder.") for n in trainable)
+    assert not any(n.startswith("fusion_stage.text.model.encoder.") for n in trainable)

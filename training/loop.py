@@ -71,7 +71,10 @@ def param_groups(model, opts: TrainOptions):
         pretrained_prefixes.append("fusion_stage.text.")
     if cfg.vision.pretrained and not cfg.random_init:
         pretrained_prefixes.append("vision_stage.model.")
-    frozen_prefixes = {"text": "fusion_stage.text.", "vision": "vision_stage.model."}
+    # --freeze text freezes the text *encoder*; a T5 backbone's own decoder is the fusion decoder and trains
+    text_frozen = (("fusion_stage.text.model.encoder.", "fusion_stage.text.model.shared.") if cfg.text.kind == "t5"
+                   else ("fusion_stage.text.",))
+    frozen_prefixes = {"text": text_frozen, "vision": ("vision_stage.model.",)}
     groups = {}
     for name, p in model.named_parameters():
         if any(name.startswith(frozen_prefixes[f]) for f in opts.freeze):

@@ -75,7 +75,7 @@ class TextBackbone(nn.Module):
         (a frozen text tower, as the trainer uses for `small`): then each distinct text is encoded
         once per run instead of once per step. Rows are keyed by their attended token ids, so the
         result does not depend on batch padding."""
-        self.requires_grad_(False)
+        self.encoder.requires_grad_(False)  # T5: the encoder (and its tied embeddings) only; its decoder still trains
         self._cache: dict | None = {}
         self._cache_max = max_items
 

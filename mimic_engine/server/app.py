@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InputError, MimicError
 from ..index.document_index import IndexClosedError
-from ..preprocess import Item, decode_base64, load_image
+from ..preprocess import IMAGE_FORMATS, Item, decode_base64, load_image
 from ..runtime.batcher import EncodeTimeoutError, EncoderClosedError, QueueFullError, make_encoder
 from .settings import ServerSettings
 
@@ -327,7 +327,7 @@ def create_app(settings: ServerSettings, backend, index) -> FastAPI:
         except InputError as exc:
             raise ApiError(422, "invalid_base64", str(exc)) from None
         try:
-            with Image.open(io.BytesIO(raw)) as probe:
+            with Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS) as probe:
                 w, h = probe.size
         except Image.DecompressionBombError as exc:
             raise ApiError(413, "image_too_large", f"{name}: {exc}") from None
