@@ -161,3 +161,25 @@ def test_kill_9_while_writing_loses_nothing_acknowledged(tmp_path):
         assert idx.count() >= len(acked - deleted)
         for doc_id in sorted(acked - deleted)[::25]:
             assert idx.search(idx.get_vector(doc_id), k=1)[0][0].id == doc_id
+
+
+def test_a_failed_snapshot_does_not_fail_an_acknowledged_write(tmp_path, monkeypatch):
+    import numpy as np
+
+    from mimic_engine.index import DocumentIndex, StoredDocument
+
+    idx = DocumentIndex(str(tmp_path / "idx"), 8, "model-a")
+    idx.snapshot_every = 1
+
+    def disk_full():
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(idx, "flush", disk_full)
+    vec = np.eye(8, dtype=np.float32)[:2]
+    assert idx.upsert([StoredDocument("a", "text", text="x"), StoredDocument("b", "text", text="y")], vec) == 2
+    assert idx.get("a") is not None and idx.count() == 2
+    monkeypatch.undo()
+    idx.close()
+    again = DocumentIndex(str(tmp_path / "idx"), 8, "model-a")
+    assert again.count() == 2 and again.search(vec[1], 1)[0][0].id == "b"
+    again.close()

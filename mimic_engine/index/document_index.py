@@ -361,9 +361,16 @@ class DocumentIndex:
                 self._save_snapshot()
 
     def _maybe_snapshot(self):
+        """Save the graph when it lags the store enough. Runs after a write is durable, so a failure
+        here (disk full, index closed meanwhile) must not fail that write: the snapshot is only a
+        cache, replayed from the store on the next open."""
         lag = self.store.seq - (self._snapshot["seq"] if self._snapshot else 0)
         if lag >= max(self.snapshot_every, self.count() // 4):
-            self.flush()
+            try:
+                self.flush()
+            except (OSError, MimicError) as exc:
+                log.warning("graph snapshot of %s failed (%s: %s); the acknowledged writes are in the store and "
+                            "the graph is repaired from it on the next open", self.path, exc.__class__.__name__, exc)
 
     # ---- writes -------------------------------------------------------------------------------
     def upsert(self, docs: list[StoredDocument], vectors: np.ndarray) -> int:

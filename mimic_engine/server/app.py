@@ -245,9 +245,13 @@ def create_app(settings: ServerSettings, backend, index) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
         yield
-        encoder.close()
-        index.close()
-        backend.close()
+        try:
+            encoder.close()  # drains queued requests first
+        finally:
+            try:
+                index.close()  # final graph snapshot; the store is already durable
+            finally:
+                backend.close()
 
     app = FastAPI(title="mimic-engine", version="0.1.0", lifespan=lifespan,
                   description="Universal multimodal retrieval: embed text, images and image+text items into one "
