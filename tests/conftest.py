@@ -25,6 +25,19 @@ def make_image_bytes(seed: int = 0, size=(40, 30), fmt: str = "PNG", mode: str =
     return buf.getvalue()
 
 
+def mixed_items():
+    """Every kind of item in one batch: text-only, image-only, image+caption, two images, a long text."""
+    from mimic_engine.preprocess import Item
+
+    return [
+        Item(text="a handwritten seven"),
+        Item(images=[make_image_bytes(1)]),
+        Item(text="digit scan with caption", images=[make_image_bytes(2)]),
+        Item(text="two views of one thing", images=[make_image_bytes(3), make_image_bytes(4, fmt="JPEG")]),
+        Item(text="a much longer text item that needs more tokens than the others in this batch do"),
+    ]
+
+
 @pytest.fixture(scope="session")
 def tiny_encoders():
     """fusion -> MimicEncoder on the tiny preset (seeded), built once per test session."""

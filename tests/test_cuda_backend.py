@@ -18,7 +18,7 @@ from mimic_engine.modeling import build_model
 from mimic_engine.preprocess import Item
 from mimic_engine.runtime.cuda_backend import (Buckets, CudaGraphBackend, Fp32LayerNorm, Fp32RMSNorm, bucket_up,
                                                 convert_fp16_islands, pad_fusion_inputs)
-from tests.conftest import make_image_bytes
+from tests.conftest import mixed_items
 
 T5_TINY = dict(vocab_size=30522, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
                relative_attention_num_buckets=8, relative_attention_max_distance=20, feed_forward_proj="relu")
@@ -31,13 +31,7 @@ def tiny_t5_config():
 
 
 def items():
-    return [
-        Item(text="a handwritten seven"),
-        Item(images=[make_image_bytes(1)]),
-        Item(text="digit scan with caption", images=[make_image_bytes(2)]),
-        Item(text="two views of one thing", images=[make_image_bytes(3), make_image_bytes(4, fmt="JPEG")]),
-        Item(text="a much longer text item that needs more tokens than the others in this batch do"),
-    ]
+    return mixed_items()
 
 
 def min_cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -6,17 +6,7 @@ from mimic_engine.config import FUSIONS, preset
 from mimic_engine.errors import ConfigError, InputError
 from mimic_engine.modeling import build_model, gather_visual_tokens
 from mimic_engine.preprocess import Item
-from tests.conftest import make_image_bytes
-
-
-def mixed_items():
-    return [
-        Item(text="a handwritten seven"),
-        Item(images=[make_image_bytes(1)]),
-        Item(text="digit scan with caption", images=[make_image_bytes(2)]),
-        Item(text="two views of one thing", images=[make_image_bytes(3), make_image_bytes(4, fmt="JPEG")]),
-        Item(text="a much longer text item that needs more tokens than the others in this batch do"),
-    ]
+from tests.conftest import make_image_bytes, mixed_items
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)

@@ -11,6 +11,7 @@ from mimic_engine.config import FUSIONS
 from mimic_engine.errors import MissingDependencyError
 from mimic_engine.preprocess import Item
 from tests.conftest import make_image_bytes
+from tests.conftest import mixed_items as shared_mixed_items
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: pip install 'mimic-engine[export]'")
 
@@ -20,14 +21,8 @@ from mimic_engine.runtime.onnx_backend import OnnxBackend  # noqa: E402
 
 
 def mixed_items():
-    return [
-        Item(text="a handwritten seven"),
-        Item(images=[make_image_bytes(1)]),
-        Item(text="digit scan with caption", images=[make_image_bytes(2)]),
-        Item(text="two views of one thing", images=[make_image_bytes(3), make_image_bytes(4, fmt="JPEG")]),
-        Item(text="a much longer text item that needs more tokens than the others in this batch do"),
-        Item(text="", images=[make_image_bytes(5, size=(64, 20))]),
-    ]
+    """The shared mixed batch plus an image-only item with an empty caption and an odd aspect ratio."""
+    return shared_mixed_items() + [Item(text="", images=[make_image_bytes(5, size=(64, 20))])]
 
 
 @pytest.fixture(scope="module")
