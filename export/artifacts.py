@@ -248,6 +248,12 @@ def read_manifest(export_dir: str, require_complete: bool = True) -> Manifest:
         raise ExportError(f"{export_dir!r} has no {MANIFEST}: it is not a finished mimic-engine export; "
                           "re-run `mimic-engine export`")
     manifest = Manifest.from_dict(read_json(path, "manifest"), path)
+    for variant, files in manifest.variants.items():
+        for stage, file in (files.items() if isinstance(files, dict) else []):
+            # graph files live in the export folder itself: never follow a path out of it
+            if not isinstance(file, str) or os.path.basename(file) != file or file in ("", ".", ".."):
+                raise ExportError(f"{path}: variant {variant!r} stage {stage!r} names {file!r}, not a file name inside "
+                                  "the export folder; the manifest is corrupt or not written by mimic-engine: re-export")
     if require_complete and not manifest.complete:
         raise ExportError(f"{export_dir!r} holds an INCOMPLETE export ({manifest.failure or 'reason not recorded'}); "
                           "fix the cause and re-run `mimic-engine export`")

@@ -260,3 +260,18 @@ def test_cli_errors_exit_non_zero_with_the_message(tmp_path):
     res = subprocess.run([sys.executable, "-c", "from mimic_engine.cli import main; main()", "export",
                           str(tmp_path / "missing.pt")], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "does not exist" in res.stderr
+
+
+def test_a_manifest_pointing_outside_the_export_folder_is_refused(tiny_exports, tmp_path):
+    import json
+    import shutil
+
+    _, out, _ = tiny_exports("decoder")
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    path = os.path.join(copy, "manifest.json")
+    manifest = json.load(open(path))
+    manifest["variants"]["fp32"]["fusion"] = "../../elsewhere/fusion.onnx"
+    json.dump(manifest, open(path, "w"))
+    with pytest.raises(ExportError, match="not a file name inside the export folder"):
+        read_manifest(copy)
