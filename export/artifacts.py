@@ -23,13 +23,13 @@ everything else is documentation. This module imports neither torch nor onnx.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 
+from ..checkpoint import file_sha256
 from ..errors import ConfigError, MimicError
 
 FORMAT = "mimic-engine-export"
@@ -168,14 +168,6 @@ INPUT_RULES = [
 
 
 # ---- files ----------------------------------------------------------------------------------------
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_json(path: str, data) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as fh:
@@ -202,7 +194,7 @@ def file_table(root: str) -> dict:
             full = os.path.join(dirpath, name)
             rel = os.path.relpath(full, root).replace(os.sep, "/")
             if rel != MANIFEST:
-                table[rel] = {"bytes": os.path.getsize(full), "sha256": sha256_file(full)}
+                table[rel] = {"bytes": os.path.getsize(full), "sha256": file_sha256(full)}
     return dict(sorted(table.items()))
 
 

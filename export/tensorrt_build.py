@@ -24,7 +24,8 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 
-from .artifacts import ExportError, ShapeRanges, io_spec, sha256_file, write_json
+from ..checkpoint import file_sha256
+from .artifacts import ExportError, ShapeRanges, io_spec, write_json
 
 INSTALL = ("TensorRT 10 for your CUDA version, e.g. `pip install tensorrt-cu12` (from NVIDIA's package index; "
            "the PyPI package only fetches it from there)")
@@ -285,7 +286,7 @@ def build_engine(onnx_path: str, engine_path: str, profiles: list[Profile], chec
     sidecar = EngineSidecar(
         stage=stage, precision=precision, tensorrt_version=trt.__version__, gpu_name=gpu_name,
         compute_capability=cc, checkpoint_sha256=checkpoint_sha256, onnx_file=os.path.basename(onnx_path),
-        onnx_sha256=sha256_file(onnx_path), profiles=[asdict(p) for p in profiles], inputs=io["inputs"],
+        onnx_sha256=file_sha256(onnx_path), profiles=[asdict(p) for p in profiles], inputs=io["inputs"],
         outputs=io["outputs"], timing_cache=cache_name, build_seconds=round(seconds, 1),
     )
     write_sidecar(engine_path, sidecar)

@@ -86,6 +86,16 @@ def as_id(value, where: str, field: str) -> str:
     raise DataError(f"{where}: {field} must be a non-empty string or integer id, got {value!r}")
 
 
+def claim_id(seen: dict, value, where: str, field: str, label: str, at: str) -> str:
+    """as_id, then uniqueness: `seen` maps each id to where it first appeared (`at`); a repeat is a
+    DataError naming both places."""
+    new_id = as_id(value, where, field)
+    if new_id in seen:
+        raise DataError(f"{where}: {label} {new_id!r} already used at {seen[new_id]}; ids must be unique")
+    seen[new_id] = at
+    return new_id
+
+
 def id_list(rec: dict, field: str, where: str, required: bool = False) -> list[str]:
     """rec[field] as a list of string ids, duplicates removed (order kept)."""
     if field not in rec or rec[field] is None:
@@ -194,10 +204,7 @@ def read_jsonl(data_dir: str | Path, *, strict: bool = False, name: str = "jsonl
     for lineno, rec in read_json_lines(corpus):
         where = f"{corpus}:{lineno}"
         _check_keys(rec, DOC_KEYS, where)
-        doc_id = as_id(rec.get("id"), where, "id")
-        if doc_id in first_line:
-            raise DataError(f"{where}: document id {doc_id!r} already used at line {first_line[doc_id]}; ids must be unique")
-        first_line[doc_id] = lineno
+        doc_id = claim_id(first_line, rec.get("id"), where, "id", "document id", f"line {lineno}")
         text, caption = optional_str(rec, "text", where), optional_str(rec, "caption", where)
         image_ids = images.refs(rec, where, doc_id)
         metadata = rec.get("metadata") or {}
@@ -229,10 +236,7 @@ def _read_queries(path: Path, known, images: _Images, problems, Query) -> list:
     for lineno, rec in read_json_lines(path):
         where = f"{path}:{lineno}"
         _check_keys(rec, QUERY_KEYS, where)
-        qid = as_id(rec.get("id"), where, "id")
-        if qid in seen:
-            raise DataError(f"{where}: query id {qid!r} already used at line {seen[qid]}")
-        seen[qid] = lineno
+        qid = claim_id(seen, rec.get("id"), where, "id", "query id", f"line {lineno}")
         text = optional_str(rec, "text", where)
         image_ids = images.refs(rec, where, f"query:{path.stem}:{qid}")
         if not (text and text.strip()) and not image_ids:

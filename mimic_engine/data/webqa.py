@@ -31,7 +31,7 @@ import threading
 from pathlib import Path
 
 from ..errors import DataError
-from .jsonl import as_id, id_list, keep_known, optional_str, read_json_lines
+from .jsonl import as_id, claim_id, id_list, keep_known, optional_str, read_json_lines
 
 log = logging.getLogger("mimic_engine.data")
 
@@ -202,10 +202,7 @@ def read_webqa(data_dir: str | Path, *, strict: bool = False, train_file: str = 
     if docs_path.is_file():
         for lineno, rec in read_json_lines(docs_path):
             where = f"{docs_path}:{lineno}"
-            doc_id = as_id(rec.get("snippet_id"), where, "snippet_id")
-            if doc_id in first_line:
-                raise DataError(f"{where}: snippet_id {doc_id!r} already used at {first_line[doc_id]}")
-            first_line[doc_id] = where
+            doc_id = claim_id(first_line, rec.get("snippet_id"), where, "snippet_id", "snippet_id", where)
             fact = optional_str(rec, "fact", where)
             if not fact or not fact.strip():
                 raise DataError(f"{where}: text document {doc_id!r} has no 'fact' (its text)")
@@ -269,10 +266,7 @@ def _read_queries(path: Path, qrels, qrels_path, known, problems) -> list:
     out, seen = [], {}
     for lineno, rec in read_json_lines(path):
         where = f"{path}:{lineno}"
-        qid = as_id(rec.get("qid"), where, "qid")
-        if qid in seen:
-            raise DataError(f"{where}: qid {qid!r} already used at line {seen[qid]}")
-        seen[qid] = lineno
+        qid = claim_id(seen, rec.get("qid"), where, "qid", "qid", f"line {lineno}")
         text = optional_str(rec, "Q", where)
         if not text or not text.strip():
             raise DataError(f"{where}: query {qid!r} has no question text 'Q'")
