@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mimic_engine.config import FUSIONS, preset
 from mimic_engine.errors import ConfigError, InputError
@@ -204,6 +205,94 @@ def test_small_preset_real_minilm_weights_fp16_on_cpu():
     enc = MimicEncoder.from_preset("small", seed=0)
     backend = CudaGraphBackend.from_encoder(enc, device="cpu")
     assert min_cosine(backend.encode(items()), enc.encode(items())) > 0.999
+
+
+# ---- what a CUDA graph capture needs, checked without a GPU ------------------------------------------
+class GraphSafetyCheck(TorchDispatchMode):
+    """Records every op that a CUDA graph capture would reject or silently bake in wrongly:
+
+    - host syncs: `.item()`, a tensor in an `if`, `nonzero`, ... (capture raises "operation not permitted
+      when stream is capturing");
+    - host tensors (other than 0-dim scalars) entering the computation: a copy to the device inside the
+      captured function, or work on the CPU that a replay would not redo.
+    The functions run on the `meta` device (shapes and dtypes only, no data), with
+    `torch.cuda.is_current_stream_capturing()` answering True as it does during a real capture (HF
+    transformers skips its data-dependent mask probes then). Triton launches are not covered: the
+    kernels' references stand in for them on `meta`, and the launch wrappers read only shapes and strides.
+    """
+
+    HOST_SYNCS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select", "unique", "_unique2",
+                  "equal"}
+
+    def __init__(self):
+        super().__init__()
+        self.problems, self.ops = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ops += 1
+        if func.overloadpacket.__name__ in self.HOST_SYNCS:
+            self.problems.append(f"host sync: {func}")
+        for leaf in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if isinstance(leaf, torch.Tensor) and leaf.device.type == "cpu" and leaf.dim() > 0:
+                self.problems.append(f"host tensor {tuple(leaf.shape)} {leaf.dtype} into {func}")
+        return func(*args, **kwargs)
+
+
+def _captured_calls_on_meta(config, kernels: bool, batch: int = 3, text: int = 16, images: int = 2):
+    """Build `config` on the meta device, run the backend's two captured functions under the check."""
+    from unittest import mock
+
+    from mimic_engine.kernels.gpu_bench import bench_tokenizer
+
+    with torch.device("meta"):
+        model = build_model(config).eval()
+    backend = CudaGraphBackend(model, bench_tokenizer(config), device="meta", kernels=kernels, copy_model=False)
+    h, p, size = backend.hidden_size, backend.tokens_per_image, config.vision.image_size
+    check = GraphSafetyCheck()
+    with torch.no_grad(), mock.patch("torch.cuda.is_current_stream_capturing", return_value=True), check:
+        tokens = backend._vision_fn(torch.zeros(batch * images, 3, size, size, dtype=backend.dtype, device="meta"))
+        ids = torch.ones(batch, text, dtype=torch.long, device="meta")
+        vectors = backend._fusion_fn(ids, torch.ones_like(ids), tokens.view(batch, images * p, h),
+                                     torch.ones(batch, images * p, dtype=torch.long, device="meta"))
+    return check, tokens, vectors
+
+
+def test_graph_safety_check_catches_syncs_and_host_tensors():
+    """The check itself: it must flag a host sync and a host tensor, and pass clean code."""
+    with GraphSafetyCheck() as check:
+        x = torch.ones(4, device="meta")
+        _ = x * 2 + 1
+    assert check.problems == [] and check.ops >= 2
+    with GraphSafetyCheck() as check:
+        x = torch.ones(4, device="meta")
+        try:
+            bool(x.sum() > 0)  # a tensor in an `if`: meta tensors have no data, so it also raises
+        except (RuntimeError, NotImplementedError):
+            pass
+        _ = x + torch.arange(4).to("meta")  # a host tensor copied in
+    assert any("host sync" in p for p in check.problems), check.problems
+    assert any("host tensor (4,)" in p for p in check.problems), check.problems
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "hf-modules"])
+@pytest.mark.parametrize("name, overrides", [
+    *[(f"tiny-{f}", {"fusion.fusion": f}) for f in FUSIONS],
+    ("tiny-t5-text", {"text.kind": "t5", "text.hf_config": dict(T5_TINY)}),
+])
+def test_captured_functions_are_graph_safe(name, overrides, kernels):
+    check, tokens, vectors = _captured_calls_on_meta(preset("tiny", **overrides), kernels)
+    assert check.problems == [], check.problems
+    assert check.ops > 50  # the model really ran under the check
+    assert tokens.dtype == torch.float16 and vectors.dtype == torch.float32 and vectors.shape == (3, 16)
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "hf-modules"])
+def test_captured_functions_are_graph_safe_base_preset(kernels):
+    """MiMIC-base (T5-base + CLIP ViT-B/32, the GPU benchmark's model), built on meta: no weights in memory."""
+    check, tokens, vectors = _captured_calls_on_meta(preset("base", random_init=True), kernels, text=128, images=1)
+    assert check.problems == [], check.problems
+    assert tokens.shape == (3, 49, 768) and vectors.shape == (3, 768) and vectors.dtype == torch.float32
 
 
 # ---- GPU: CUDA graphs + Triton kernels -------------------------------------------------------------

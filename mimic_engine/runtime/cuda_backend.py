@@ -282,11 +282,8 @@ class CudaGraphBackend(Backend):
         if self.dtype != torch.float32:
             convert_fp16_islands(model, self.dtype)
         self.model = model.to(device)
-        head = model.fusion_stage.head
         # the fused head applies to MiMIC's decoder fusion (early/late fusion keep their own forward)
         self._fast_head = kernels and config.fusion.fusion == "decoder"
-        self._head_weight = head.weight if isinstance(head, nn.Linear) else None
-        self._head_bias = head.bias if isinstance(head, nn.Linear) else None
 
         self._lock = threading.Lock()
         self._captured: dict = {}
@@ -324,7 +321,8 @@ class CudaGraphBackend(Backend):
         memory = torch.cat([text_states, visual_tokens.to(text_states.dtype)], dim=1)  # (B, T+V, H)
         memory_mask = torch.cat([attention_mask, visual_mask.to(attention_mask.dtype)], dim=1)  # (B, T+V)
         pooled = fs.decoder(memory, memory_mask)  # (B, H)
-        return linear_l2norm(pooled, self._head_weight, self._head_bias)  # (B, E) fp32 unit vectors
+        head = fs.head if isinstance(fs.head, nn.Linear) else None  # None: identity (no projection)
+        return linear_l2norm(pooled, getattr(head, "weight", None), getattr(head, "bias", None))  # (B, E) fp32
 
     def _run(self, kind: str, key: tuple, fn, inputs: tuple) -> torch.Tensor:
         """Run `fn` on padded `inputs`: replay (capturing on first use) the graph of this bucket."""
