@@ -16,8 +16,15 @@ vision stage + fusion stage + the copy back:
     torch.compile fp16      only with --compile (compiling T5-base + CLIP takes minutes)
 
 Latency is the median of `--iters` runs (CUDA events around each call, after `--warmup` runs);
-items/s = batch / median; cosine = the smallest cosine similarity of a variant's vectors to eager
-fp32's over the batch. One table is printed last.
+items/s = batch / median; TFLOP/s = items/s x the model's FLOPs per item (counted once with
+torch's FlopCounterMode on one CPU forward: matmuls and attention); cosine = the
+smallest cosine similarity of a variant's vectors to eager fp32's over the batch. One table is
+printed last.
+
+`--profile` first lists, per batch size, the top GPU kernels of torch-cuda by self time (torch
+profiler; run with graphs off, so that every kernel is listed under its own name: the kernels are
+the same, the launch gaps are not) and the sum of kernel time per call: compared with the graph
+replay's latency it shows whether the GPU or the host is the limit.
 """
 from __future__ import annotations
 
@@ -40,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="also time torch.compile (fp16, default mode)")
+    p.add_argument("--profile", action="store_true",
+                   help="print torch-cuda's top kernels per batch size (torch profiler, graphs off) before the table")
+    p.add_argument("--top", type=int, default=15, help="kernels listed per profile (default: 15)")
     p.add_argument("--variants", default=None, help="comma-separated subset of variant names to run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-minilm", metavar="DIR", default=None,
@@ -114,14 +124,19 @@ def eager(model):
     return run
 
 
+def forward_one_image(model, px, ids, am):
+    """The model's forward for items of one image each, without the data-dependent image gather."""
+    tokens = model.vision_stage(px)  # (B, P, H)
+    vm = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
+    return model.fusion_stage(ids, am, tokens, vm)  # (B, E)
+
+
 def one_graph(model, device):
     """The whole forward (one image per item) as one CUDA graph per batch shape (eager on CPU)."""
     graphs = {}
 
     def forward(px, ids, am):
-        tokens = model.vision_stage(px)  # (B, P, H)
-        vm = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
-        return model.fusion_stage(ids, am, tokens, vm)
+        return forward_one_image(model, px, ids, am)
 
     def run(batch):
         px = batch.pixel_values.to(next(model.parameters()).dtype)
@@ -159,10 +174,10 @@ def compiled(model):
     return run
 
 
-def backend(model, tokenizer, device, attention):
+def backend(model, tokenizer, device, attention, graphs: bool = True):
     from mimic_engine.runtime.cuda_backend import CudaGraphBackend
 
-    be = CudaGraphBackend(model, tokenizer, device, attention=attention)
+    be = CudaGraphBackend(model, tokenizer, device, attention=attention, graphs=graphs)
 
     def run(batch):
         return torch.from_numpy(be.encode_batch(batch))
@@ -190,14 +205,60 @@ def time_ms(fn, batch, iters: int, warmup: int, device) -> list:
     return times
 
 
+def flops_per_item(model, config, text_tokens: int) -> float:
+    """FLOPs of one item (vision + fusion stage) of the fp32 `model`, counted on one real CPU forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = make_batch(config, 1, text_tokens, "cpu")
+    counter = FlopCounterMode(display=False)
+    # grad mode on: the counter's module hooks fail on a Parameter fed to a module under no_grad (the
+    # fusion decoder's start token); one item's autograd graph costs little
+    with torch.enable_grad(), counter:
+        forward_one_image(model, batch.pixel_values, batch.input_ids, batch.attention_mask)
+    return float(counter.get_total_flops())
+
+
+def profile_kernels(fn, batch, device, iters: int = 3, top: int = 15) -> tuple[list, float]:
+    """The `top` kernels of `fn(batch)` by self time per call, and the sum over all kernels (ms per call).
+
+    On CUDA: GPU kernels (self device time); on CPU (dry runs): the CPU ops.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    fn(batch)  # warm: compile, allocate, choose kernels
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            fn(batch)
+        if cuda:
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"  # microseconds
+    events = sorted((e for e in prof.key_averages() if getattr(e, attr) > 0), key=lambda e: -getattr(e, attr))
+    total_us = sum(getattr(e, attr) for e in events)
+    rows = [{"kernel": e.key, "calls": e.count / iters, "ms": getattr(e, attr) / 1000 / iters,
+             "share": getattr(e, attr) / total_us} for e in events[:top]]
+    return rows, total_us / 1000 / iters
+
+
+def format_profile(rows: list, total_ms: float, title: str) -> str:
+    lines = [f"{title}: {total_ms:.3f} ms of kernel time per call",
+             "| kernel | calls per call | ms per call | share |", "|---|---|---|---|"]
+    for r in rows:
+        name = r["kernel"] if len(r["kernel"]) <= 90 else r["kernel"][:87] + "..."
+        lines.append(f"| {name} | {r['calls']:g} | {r['ms']:.3f} | {100 * r['share']:.1f}% |")
+    return "\n".join(lines)
+
+
 def format_table(rows: list, title: str) -> str:
-    header = ("variant", "batch", "median ms", "items/s", "min cosine vs fp32")
+    header = ("variant", "batch", "median ms", "items/s", "TFLOP/s", "min cosine vs fp32")
     lines = [title, "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['variant']} | {r['batch']} | failed: {r['error']} | | |")
+            lines.append(f"| {r['variant']} | {r['batch']} | failed: {r['error']} | | | |")
         else:
-            lines.append(f"| {r['variant']} | {r['batch']} | {r['ms']:.2f} | {r['items_s']:.0f} | {r['cosine']:.5f} |")
+            tflops = f"{r['tflops']:.3g}" if r.get("tflops") is not None else "-"
+            lines.append(f"| {r['variant']} | {r['batch']} | {r['ms']:.2f} | {r['items_s']:.0f} | {tflops} | "
+                         f"{r['cosine']:.5f} |")
     return "\n".join(lines)
 
 
@@ -217,6 +278,10 @@ def run(args) -> list:
           f"{time.perf_counter() - t0:.1f}s", flush=True)
     text_tokens = args.text_tokens = args.text_tokens or config.text.max_length
     batches = {b: make_batch(config, b, text_tokens, device, args.seed + b) for b in args.batches}
+    flops = flops_per_item(model, config, text_tokens)
+    print(f"{flops / 1e9:.2f} GFLOP per item ({text_tokens} text tokens + 1 image)", flush=True)
+    if args.profile:
+        print_profiles(model, tokenizer, device, batches, args.top)
 
     def fp16_model():
         return copy.deepcopy(model).half().to(device).eval()
@@ -247,7 +312,8 @@ def run(args) -> list:
                     cos = torch.nn.functional.cosine_similarity(out, reference[b], dim=-1).min().item()
                     times = time_ms(fn, batch, args.iters, args.warmup, device)
                     ms = statistics.median(times)
-                    rows.append({"variant": name, "batch": b, "ms": ms, "items_s": b / ms * 1000, "cosine": cos})
+                    rows.append({"variant": name, "batch": b, "ms": ms, "items_s": b / ms * 1000,
+                                 "tflops": b / ms * 1000 * flops / 1e12, "cosine": cos})
                     print(f"{name:>22}  batch {b:>3}: {ms:8.2f} ms  {b / ms * 1000:9.0f} items/s  cos {cos:.5f}",
                           flush=True)
         except Exception as exc:  # one failing variant must not hide the others' numbers
@@ -262,6 +328,22 @@ def run(args) -> list:
                 torch.cuda.empty_cache()
         print(f"  ({name}: {time.perf_counter() - t0:.1f}s including build and capture)", flush=True)
     return rows
+
+
+def print_profiles(model, tokenizer, device, batches: dict, top: int) -> None:
+    """torch-cuda's top kernels for each batch (graphs off: the same kernels, each listed by name)."""
+    try:
+        with torch.no_grad():
+            fn = backend(model, tokenizer, device, "auto", graphs=False)
+            for b, batch in batches.items():
+                rows, total = profile_kernels(fn, batch, device, top=top)
+                print(format_profile(rows, total, f"torch-cuda kernels, batch {b} (graphs off)") + "\n", flush=True)
+    except Exception as exc:  # the profile is extra information: it must not cost the benchmark
+        print(f"profile: FAILED {exc.__class__.__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
 
 
 def main(argv=None) -> int:

