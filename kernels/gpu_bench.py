@@ -13,6 +13,8 @@ vision stage + fusion stage + the copy back:
     eager fp16 + 1 graph    model.half(), the whole forward captured as one CUDA graph per batch size
     torch-cuda              CudaGraphBackend: fp16 + fp32 islands, Triton kernels, graphs per bucket
     torch-cuda (sdpa)       the same with PyTorch's SDPA instead of the Triton attention kernel
+    torch-cuda (bf16 wo)    T5's FFN output projection in bf16 instead of the fp32 (TF32) island
+    torch-cuda (fp16 wo)    ... in fp16: no island there at all
     torch.compile fp16      only with --compile (compiling T5-base + CLIP takes minutes)
 
 Latency is the median of `--iters` runs (CUDA events around each call, after `--warmup` runs);
@@ -174,10 +176,10 @@ def compiled(model):
     return run
 
 
-def backend(model, tokenizer, device, attention, graphs: bool = True):
+def backend(model, tokenizer, device, attention="auto", **options):
     from mimic_engine.runtime.cuda_backend import CudaGraphBackend
 
-    be = CudaGraphBackend(model, tokenizer, device, attention=attention, graphs=graphs)
+    be = CudaGraphBackend(model, tokenizer, device, attention=attention, **options)
 
     def run(batch):
         return torch.from_numpy(be.encode_batch(batch))
@@ -292,6 +294,8 @@ def run(args) -> list:
         ("eager fp16 + 1 graph", lambda: one_graph(fp16_model(), device)),
         ("torch-cuda", lambda: backend(model, tokenizer, device, "auto")),
         ("torch-cuda (sdpa)", lambda: backend(model, tokenizer, device, "sdpa")),
+        ("torch-cuda (bf16 wo)", lambda: backend(model, tokenizer, device, wo_dtype="bf16")),
+        ("torch-cuda (fp16 wo)", lambda: backend(model, tokenizer, device, wo_dtype="fp16")),
     ]
     if args.compile:
         variants.append(("torch.compile fp16", lambda: compiled(fp16_model())))
@@ -334,7 +338,7 @@ def print_profiles(model, tokenizer, device, batches: dict, top: int) -> None:
     """torch-cuda's top kernels for each batch (graphs off: the same kernels, each listed by name)."""
     try:
         with torch.no_grad():
-            fn = backend(model, tokenizer, device, "auto", graphs=False)
+            fn = backend(model, tokenizer, device, graphs=False)
             for b, batch in batches.items():
                 rows, total = profile_kernels(fn, batch, device, top=top)
                 print(format_profile(rows, total, f"torch-cuda kernels, batch {b} (graphs off)") + "\n", flush=True)

@@ -157,6 +157,27 @@ def test_backend_on_cpu_t5_text_tower():
     assert min_cosine(no_kernels.encode(items()), ref) > 0.999
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "hf-modules"])
+@pytest.mark.parametrize("wo_dtype, expected", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_backend_wo_dtype_trades_the_ffn_island(wo_dtype, expected, kernels):
+    """T5's FFN output projection in bf16 / fp16 instead of the fp32 island: the weights change dtype,
+    the other islands stay, and the vectors stay within parity."""
+    from transformers.models.t5.modeling_t5 import T5DenseActDense, T5DenseGatedActDense
+
+    from mimic_engine.encoder import MimicEncoder
+
+    enc = MimicEncoder.from_config(tiny_t5_config(), seed=0)
+    backend = CudaGraphBackend.from_encoder(enc, device="cpu", wo_dtype=wo_dtype, kernels=kernels)
+    wo = {m.wo.weight.dtype for m in backend.model.modules() if isinstance(m, (T5DenseActDense, T5DenseGatedActDense))}
+    assert wo == {expected}
+    assert all(p.dtype == torch.float32 for m in backend.model.modules() if isinstance(m, Fp32RMSNorm)
+               for p in m.parameters())
+    assert backend.capabilities()["wo_dtype"] == wo_dtype
+    assert min_cosine(backend.encode(items()), enc.encode(items())) > 0.999
+    fp32 = CudaGraphBackend.from_encoder(enc, device="cpu", dtype="fp32", wo_dtype=wo_dtype)  # fp32 ignores it
+    assert fp32.capabilities()["wo_dtype"] == "fp32"
+
+
 def test_backend_chunks_batches_larger_than_the_largest_bucket(tiny_encoders):
     enc = tiny_encoders("decoder")
     backend = CudaGraphBackend.from_encoder(enc, device="cpu", dtype="fp32", max_batch=2)
@@ -182,6 +203,8 @@ def test_backend_options_are_checked(tiny_encoders):
         CudaGraphBackend.from_encoder(enc, device="cpu", dtype="int8")
     with pytest.raises(ConfigError, match="attention"):
         CudaGraphBackend.from_encoder(enc, device="cpu", attention="flash")
+    with pytest.raises(ConfigError, match="wo_dtype"):
+        CudaGraphBackend.from_encoder(enc, device="cpu", wo_dtype="int8")
     if not CUDA:
         with pytest.raises(ConfigError, match="no CUDA GPU"):
             CudaGraphBackend.from_encoder(enc, device="cuda")

@@ -35,8 +35,9 @@ def test_dry_run_on_cpu_prints_one_table_last(capsys):
     assert table[1].startswith("| variant |")
     rows = [line for line in table[3:] if line.startswith("|")]
     names = {line.split("|")[1].strip() for line in rows}
-    assert names == {"eager fp32", "eager fp16", "eager fp16 + 1 graph", "torch-cuda", "torch-cuda (sdpa)"}
-    assert len(rows) == 10  # 5 variants x batches 1 and 3
+    assert names == {"eager fp32", "eager fp16", "eager fp16 + 1 graph", "torch-cuda", "torch-cuda (sdpa)",
+                     "torch-cuda (bf16 wo)", "torch-cuda (fp16 wo)"}
+    assert len(rows) == 14  # 7 variants x batches 1 and 3
     for line in rows:
         cosine = float(line.split("|")[6])
         assert cosine > 0.99, line  # every variant computes the same embeddings as eager fp32
