@@ -97,6 +97,25 @@ def test_modality_filter_when_the_other_modality_holds_the_highest_labels(index)
     assert len(index.search(unit(rng, 1)[0], k=10, modality="image")) == 10
 
 
+def test_a_rare_modality_is_searched_exactly(index, monkeypatch):
+    """A filter that keeps few documents skips the graph (slow for it) and answers by brute force."""
+    rng = np.random.default_rng(11)
+    is_image = lambda i: i % 50 == 0  # noqa: E731 - 2% images
+    vecs = unit(rng, 2000)
+    index.upsert(docs_for(range(2000), modality=lambda i: "image" if is_image(i) else "text"), vecs)
+    index.delete("d0")  # a deleted image is never returned
+    images = np.array([i for i in range(2000) if is_image(i) and i != 0])
+    monkeypatch.setattr(index.graph, "knn", lambda *a, **kw: pytest.fail("the graph was searched"))
+    q = unit(rng, 3)
+    for row, hits in zip(q, index.search_batch(q, k=10, modality="image")):
+        expected = images[exact_topk(vecs[images], row, 10)]
+        assert [d.id for d, _ in hits] == [f"d{i}" for i in expected]
+        np.testing.assert_allclose([s for _, s in hits], vecs[expected] @ row, atol=1e-5)
+    assert len(index.search(q[0], k=100, modality="image")) == len(images)  # k beyond the count: all of them
+    with pytest.raises(pytest.fail.Exception, match="graph was searched"):
+        index.search(q[0], k=10, modality="text")  # the common modality still uses the graph
+
+
 def test_growth_beyond_initial_capacity_and_slot_reuse(tmp_path):
     rng = np.random.default_rng(2)
     vecs = unit(rng, 1000)

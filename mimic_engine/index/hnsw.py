@@ -139,16 +139,20 @@ class HnswGraph:
                 if "contiguous 2D array" not in str(exc):
                     raise
             live = live_labels() if live is None else live
-            out.append(self._exact(q, k, live) if len(live) <= EXACT_FALLBACK_MAX else self._largest_k(q, k, filt))
+            out.append(self.exact(q[None], k, live)[0] if len(live) <= EXACT_FALLBACK_MAX
+                       else self._largest_k(q, k, filt))
         return out
 
-    def _exact(self, q: np.ndarray, k: int, live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Brute force over the live elements (vectors read back from the graph)."""
-        if len(live) == 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        scores = self.index.get_items(live, return_type="numpy").astype(np.float32) @ q
-        top = np.argsort(-scores, kind="stable")[:k]
-        return live[top].astype(np.int64), scores[top]
+    def exact(self, queries: np.ndarray, k: int, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Brute force over `labels` (L,), their vectors read back from the graph (~10 us each).
+
+        queries (Q, dim) -> per query (labels (min(k, L),) int64, scores float32), best first.
+        """
+        if len(labels) == 0:
+            return [(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in queries]
+        scores = queries @ self.index.get_items(labels, return_type="numpy").astype(np.float32).T  # (Q, L)
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return [(labels[t].astype(np.int64), row[t]) for t, row in zip(top, scores)]
 
     def _largest_k(self, q: np.ndarray, k: int, filt) -> tuple[np.ndarray, np.ndarray]:
         """Binary search for the largest k' < k the graph can answer (a large, badly damaged index)."""
