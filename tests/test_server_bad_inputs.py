@@ -76,6 +76,9 @@ CASES = {
     "control char id": ("POST", "/v1/documents", {"json": {"documents": [{"id": "a\nb", "text": "y"}]}}, 422, "invalid_id"),
     "duplicate ids": ("POST", "/v1/documents", {"json": {"documents": [{"id": "a", "text": "y"}, {"id": "a", "text": "z"}]}}, 422, "duplicate_id"),
     "metadata not an object": ("POST", "/v1/documents", {"json": {"documents": [{"id": "a", "text": "y", "metadata": [1]}]}}, 422, "invalid_request"),
+    "NaN in metadata": ("POST", "/v1/documents", {"content": b'{"documents": [{"id": "a", "text": "y", "metadata": {"s": [1, NaN]}}]}', "headers": {"content-type": "application/json"}}, 422, "invalid_request"),
+    "Infinity in metadata": ("POST", "/v1/documents", {"content": b'{"documents": [{"id": "a", "text": "y", "metadata": {"s": {"t": -Infinity}}}]}', "headers": {"content-type": "application/json"}}, 422, "invalid_request"),
+    "no api key, bad body": ("POST", "/v1/documents", {"json": {"documents": "not a list"}, "headers": {"Authorization": ""}}, 401, "unauthorized"),
     "body too large": ("POST", "/v1/embed", {"json": {"items": [{"text": "x" * 100_000}] * 3}}, 413, "body_too_large"),
     "chunked body too large": ("POST", "/v1/embed", {"content": iter([b'{"items": [' + b" " * 150_000, b" " * 150_000 + b"]}"]), "headers": {"content-type": "application/json"}}, 413, "body_too_large"),
 }
@@ -214,3 +217,11 @@ def test_full_queue_answers_503_with_retry_after(tiny_encoders, tmp_path):
         assert first[0].status_code == 200
         assert c.post("/v1/embed", json={"items": [{"text": "c"}]}).status_code == 200
         assert 'status="503"' in c.get("/metrics").text
+
+
+def test_non_finite_metadata_is_refused_with_its_path(client):
+    body = b'{"documents": [{"id": "nan-doc", "text": "y", "metadata": {"s": [1, NaN]}}]}'
+    r = client.post("/v1/documents", content=body, headers={"content-type": "application/json"})
+    message = r.json()["error"]["message"]
+    assert r.status_code == 422 and "metadata.s[1] is NaN or Infinity" in message, message
+    assert client.get("/v1/documents/nan-doc").status_code == 404  # nothing stored

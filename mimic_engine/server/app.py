@@ -22,14 +22,15 @@ import hashlib
 import hmac
 import io
 import logging
+import math
 import time
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InputError, MimicError
@@ -89,6 +90,29 @@ class DocumentIn(ItemIn):
     id: str
     metadata: dict[str, Any] = Field(default_factory=dict)
     image_ref: str | None = Field(None, description="Where the image lives (stored, returned by search; optional)")
+
+    @field_validator("metadata")
+    @classmethod
+    def _finite_numbers_only(cls, metadata: dict) -> dict:
+        """Python's JSON parser accepts NaN and Infinity, which JSON does not have: stored, they would come
+        back as null (data changed silently), so they are refused here with the key that holds them."""
+        bad = _non_finite_path(metadata, "metadata")
+        if bad is not None:
+            raise ValueError(f"{bad} is NaN or Infinity, which JSON cannot carry; send a finite number, a string "
+                             "or null")
+        return metadata
+
+
+def _non_finite_path(value, path: str) -> str | None:
+    """The path of the first non-finite float inside nested dicts / lists, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        bad = _non_finite_path(child, f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]")
+        if bad is not None:
+            return bad
+    return None
 
 
 class UpsertRequest(BaseModel):
@@ -304,7 +328,9 @@ def create_app(settings: ServerSettings, backend, index) -> FastAPI:
                               "it has been logged")
 
     # ---- helpers -----------------------------------------------------------------------------------
-    def check_api_key(request: Request) -> None:
+    def require_api_key(request: Request) -> None:
+        """A route dependency: FastAPI runs it before the body is validated, so an unauthenticated write
+        gets 401 whatever its body (only unparseable JSON is answered 400 first)."""
         if settings.api_key is None:
             return
         auth = request.headers.get("authorization", "")
@@ -383,12 +409,12 @@ def create_app(settings: ServerSettings, backend, index) -> FastAPI:
         return EmbedResponse(embeddings=result.vectors.tolist(), dim=backend.dim, truncated=result.truncated,
                              model_id=backend.model_id)
 
-    @app.post("/v1/documents", response_model=UpsertResponse, tags=["documents"])
-    def upsert(body: UpsertRequest, request: Request):
+    @app.post("/v1/documents", response_model=UpsertResponse, tags=["documents"],
+              dependencies=[Depends(require_api_key)])
+    def upsert(body: UpsertRequest):
         """Insert or replace documents. Answered only once the index has made them durable."""
         from ..index import StoredDocument
 
-        check_api_key(request)
         check_count(len(body.documents), "documents")
         seen = set()
         for i, d in enumerate(body.documents):
@@ -416,9 +442,8 @@ def create_app(settings: ServerSettings, backend, index) -> FastAPI:
             raise ApiError(404, "not_found", f"no document with id {doc_id!r}")
         return _doc_out(doc)
 
-    @app.delete("/v1/documents/{doc_id:path}", tags=["documents"])
-    def delete_document(doc_id: str, request: Request):
-        check_api_key(request)
+    @app.delete("/v1/documents/{doc_id:path}", tags=["documents"], dependencies=[Depends(require_api_key)])
+    def delete_document(doc_id: str):
         if not index.delete(doc_id):
             raise ApiError(404, "not_found", f"no document with id {doc_id!r}")
         return {"deleted": doc_id}
