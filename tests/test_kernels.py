@@ -62,6 +62,7 @@ def test_kernels_in_triton_interpreter():
 @pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32, torch.float32),
                                     (torch.float32, torch.float16, torch.float16),  # fp32 residual, fp16 sub-layer
+                                    (torch.float32, torch.bfloat16, torch.float16),  # a bf16 FFN output (wo_dtype)
                                     (torch.float16, torch.float16, torch.float16)])
 def test_rmsnorm_residual_matches_reference(length, dtypes):
     from mimic_engine.kernels.rmsnorm import rmsnorm_residual, rmsnorm_residual_reference
