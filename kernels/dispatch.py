@@ -56,3 +56,14 @@ def dot_precision(dtype: torch.dtype) -> str:
     """fp32 operands use exact ("ieee") products so the kernels match their fp32 references; half types
     use the tensor cores (their products are exact in fp32 accumulation anyway)."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., H) -> (R, H) with a unit stride along H (a view when possible): the layout of row kernels."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def row_launch_config(h: int) -> dict:
+    """Row kernels (the norms): one program per row, the whole row of H values in registers."""
+    return dict(BLOCK=next_pow2(h), num_warps=4 if h <= 2048 else 8)

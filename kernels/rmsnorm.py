@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import HAVE_TRITON, next_pow2, resolve_impl
+from .dispatch import HAVE_TRITON, as_rows, resolve_impl, row_launch_config
 
 if HAVE_TRITON:
     import triton
@@ -64,8 +64,8 @@ def rmsnorm_residual(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.
     if impl == "torch":
         return rmsnorm_residual_reference(x, delta, weight, eps, out_dtype)
     h = x.shape[-1]
-    x2 = _rows(x)
-    d2 = _rows(delta) if delta is not None else x2
+    x2 = as_rows(x)
+    d2 = as_rows(delta) if delta is not None else x2
     if delta is not None and d2.shape != x2.shape:
         raise ValueError(f"rmsnorm_residual: delta shape {tuple(delta.shape)} differs from x shape {tuple(x.shape)}")
     y = torch.empty(x2.shape, dtype=out_dtype or x.dtype, device=x.device)
@@ -75,18 +75,7 @@ def rmsnorm_residual(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.
             x2, d2, weight, s, y,
             x2.stride(0), d2.stride(0), s.stride(0), y.stride(0),
             h, eps,
-            HAS_DELTA=delta is not None, **launch_config(h),
+            HAS_DELTA=delta is not None, **row_launch_config(h),
         )
     y = y.view(x.shape)
     return y if delta is None else (s.view(x.shape), y)
-
-
-def launch_config(h: int) -> dict:
-    """One program per row; the whole row of H values in registers."""
-    return dict(BLOCK=next_pow2(h), num_warps=4 if h <= 2048 else 8)
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., H) -> (R, H) with a unit stride along H (a view when possible)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()

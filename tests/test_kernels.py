@@ -41,7 +41,9 @@ T5_TINY = dict(vocab_size=30522, d_model=32, d_kv=16, d_ff=64, num_layers=2, num
 
 
 def tol(dtype):
-    return dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+    """About one rounding step of the output dtype (bf16 keeps 8 mantissa bits: 1 ulp of 2.0 is 0.0156)."""
+    return {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
+            torch.bfloat16: dict(atol=2e-2, rtol=1.6e-2)}[dtype]
 
 
 # ---- the subprocess launcher -------------------------------------------------------------------
@@ -107,6 +109,52 @@ def test_rmsnorm_strided_input():
     s_ref, y_ref = rmsnorm_residual_reference(x, delta, w)
     torch.testing.assert_close(s, s_ref)
     torch.testing.assert_close(y, y_ref)
+
+
+# ---- LayerNorm (fp32 parameters and statistics) --------------------------------------------------
+@kernel_case
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_weight,with_bias", [(True, True), (True, False), (False, False)])
+def test_layer_norm_matches_reference(length, x_dtype, with_weight, with_bias):
+    from mimic_engine.kernels.layernorm import layer_norm, layer_norm_reference
+
+    g = torch.Generator().manual_seed(length)
+    x = (torch.randn(2, length, 40, generator=g) * 3 + 1).to(DEVICE, x_dtype)
+    w = torch.rand(40, generator=g).to(DEVICE) if with_weight else None  # fp32 parameters
+    b = torch.randn(40, generator=g).to(DEVICE) if with_bias else None
+    y = layer_norm(x, w, b, 1e-5, impl="triton")
+    assert y.dtype == x_dtype and y.shape == x.shape
+    torch.testing.assert_close(y, layer_norm_reference(x, w, b, 1e-5), **tol(x_dtype))
+
+
+@kernel_case
+def test_layer_norm_fp16_rows_with_a_large_mean_and_strides():
+    """fp16 rows far from zero (fp32 statistics keep the variance right) and a non-contiguous input."""
+    from mimic_engine.kernels.layernorm import layer_norm
+
+    x = (torch.randn(8, 3, 768) * 5 + 300).to(DEVICE, torch.float16).transpose(0, 1)  # (3, 8, 768), strided
+    ln = torch.nn.LayerNorm(768).to(DEVICE)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.normal_()
+        ref = ln(x.float())
+    y = layer_norm(x, ln.weight, ln.bias, ln.eps, impl="triton")
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), ref, atol=1e-2, rtol=1e-2)
+
+
+def test_layer_norm_reference_and_shape_checks():
+    from mimic_engine.kernels.layernorm import layer_norm, layer_norm_reference
+
+    x = torch.randn(4, 16).half()
+    w, b = torch.rand(16), torch.randn(16)
+    expected = torch.nn.functional.layer_norm(x.float(), (16,), w, b, 1e-5).half()
+    torch.testing.assert_close(layer_norm_reference(x, w, b), expected)
+    torch.testing.assert_close(layer_norm(x, w, b, impl="torch"), expected)
+    if HAVE_TRITON and (CUDA or INTERPRET):
+        with pytest.raises(ValueError, match=r"weight has shape \(8,\); expected \(16,\)"):
+            layer_norm(x.to(DEVICE), w[:8].to(DEVICE), None, impl="triton")
 
 
 # ---- attention ---------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ try:
 except ImportError as exc:  # pragma: no cover - other triton versions
     pytest.skip(f"this triton ({triton.__version__}) has no ahead-of-time compile API: {exc}", allow_module_level=True)
 
-from mimic_engine.kernels import attention, l2norm, rmsnorm
+from mimic_engine.kernels import attention, l2norm, layernorm, rmsnorm
+from mimic_engine.kernels.dispatch import row_launch_config
 
 # (arch, usable shared memory per block in bytes)
 TARGETS = {"sm_90": (90, 227 * 1024), "sm_80": (80, 163 * 1024)}
@@ -100,13 +101,22 @@ def test_attention_kernel_compiles(target, dtype, shape):
 
 @pytest.mark.parametrize("h", [32, 384, 768])
 def test_rmsnorm_kernel_compiles(h):
-    cfg, options = split(rmsnorm.launch_config(h))
+    cfg, options = split(row_launch_config(h))
     for has_delta in (True, False):
         k = compile_for(rmsnorm._rmsnorm_residual_kernel, {"X": torch.float32, "Delta": torch.float16,
                                                            "W": torch.float32, "SumOut": torch.float32,
                                                            "Y": torch.float16},
                         dict(HAS_DELTA=has_delta, **cfg), options, 90)
         check(k, "sm_90")
+
+
+@pytest.mark.parametrize("h", [32, 384, 768])
+def test_layer_norm_kernel_compiles(h):
+    cfg, options = split(row_launch_config(h))
+    k = compile_for(layernorm._layer_norm_kernel, {"X": torch.float16, "W": torch.float32, "B": torch.float32,
+                                                   "Y": torch.float16},
+                    dict(HAS_WEIGHT=True, HAS_BIAS=True, **cfg), options, 90)
+    check(k, "sm_90")
 
 
 @pytest.mark.parametrize("e,with_weight", [(16, True), (768, True), (768, False), (l2norm.MAX_E, True)])

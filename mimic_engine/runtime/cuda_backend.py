@@ -14,6 +14,7 @@ What it does to the model (a private copy; the caller's model is untouched):
    `wo_dtype` trades the `wo` island for speed: "bf16" keeps fp32's range with an 8-bit mantissa at the
    fp16 tensor-core rate (TF32 runs at half of it; `wo` is ~20% of MiMIC-base's FLOPs), "fp16" drops
    the island (safe only while T5's FFN outputs stay below 65504; FastT5Stack's residual stream is fp32).
+   LayerNorm runs as one `layer_norm` kernel (fp16 in and out, fp32 weights and statistics).
 3. The decoder fusion's head (projection + L2 normalisation) is one `linear_l2norm` kernel.
 4. Every stage call is padded up to a fixed shape bucket and replayed from a CUDA graph captured on
    first use of that bucket. Pad rows are fully masked (no text, no image; the attention kernel
@@ -50,7 +51,11 @@ WO_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float1
 
 # ---- fp16 with fp32 islands --------------------------------------------------------------------
 class Fp32LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in fp32 with fp32 weights; returns the input's dtype (BERT, CLIP)."""
+    """LayerNorm with fp32 weights and fp32 statistics; returns the input's dtype (BERT, CLIP).
+
+    Runs the `layer_norm` kernel on CUDA (one kernel; PyTorch's CUDA LayerNorm refuses fp16 input with
+    fp32 weights), its reference elsewhere.
+    """
 
     @classmethod
     def from_module(cls, ln: nn.LayerNorm) -> "Fp32LayerNorm":
@@ -64,7 +69,11 @@ class Fp32LayerNorm(nn.LayerNorm):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+        from mimic_engine.kernels.layernorm import layer_norm
+
+        if len(self.normalized_shape) != 1:  # the kernel normalises the last dimension only
+            return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+        return layer_norm(x, self.weight, self.bias, self.eps)
 
     def fp32_islands(self):
         return list(self.parameters())
