@@ -220,8 +220,9 @@ def flops_per_item(model, config, text_tokens: int) -> float:
     return float(counter.get_total_flops())
 
 
-def profile_kernels(fn, batch, device, iters: int = 3, top: int = 15) -> tuple[list, float]:
-    """The `top` kernels of `fn(batch)` by self time per call, and the sum over all kernels (ms per call).
+def profile_kernels(fn, batch, device, iters: int = 3, top: int = 15) -> tuple[list, float, float]:
+    """The `top` kernels of `fn(batch)` by self time per call, the sum over all kernels (ms per call) and
+    the number of kernel launches per call.
 
     On CUDA: GPU kernels (self device time); on CPU (dry runs): the CPU ops.
     """
@@ -239,11 +240,11 @@ def profile_kernels(fn, batch, device, iters: int = 3, top: int = 15) -> tuple[l
     total_us = sum(getattr(e, attr) for e in events)
     rows = [{"kernel": e.key, "calls": e.count / iters, "ms": getattr(e, attr) / 1000 / iters,
              "share": getattr(e, attr) / total_us} for e in events[:top]]
-    return rows, total_us / 1000 / iters
+    return rows, total_us / 1000 / iters, sum(e.count for e in events) / iters
 
 
-def format_profile(rows: list, total_ms: float, title: str) -> str:
-    lines = [f"{title}: {total_ms:.3f} ms of kernel time per call",
+def format_profile(rows: list, total_ms: float, launches: float, title: str) -> str:
+    lines = [f"{title}: {launches:g} kernels, {total_ms:.3f} ms of kernel time per call",
              "| kernel | calls per call | ms per call | share |", "|---|---|---|---|"]
     for r in rows:
         name = r["kernel"] if len(r["kernel"]) <= 90 else r["kernel"][:87] + "..."
@@ -340,8 +341,9 @@ def print_profiles(model, tokenizer, device, batches: dict, top: int) -> None:
         with torch.no_grad():
             fn = backend(model, tokenizer, device, graphs=False)
             for b, batch in batches.items():
-                rows, total = profile_kernels(fn, batch, device, top=top)
-                print(format_profile(rows, total, f"torch-cuda kernels, batch {b} (graphs off)") + "\n", flush=True)
+                rows, total, launches = profile_kernels(fn, batch, device, top=top)
+                print(format_profile(rows, total, launches, f"torch-cuda kernels, batch {b} (graphs off)") + "\n",
+                      flush=True)
     except Exception as exc:  # the profile is extra information: it must not cost the benchmark
         print(f"profile: FAILED {exc.__class__.__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
     finally:

@@ -49,7 +49,9 @@ def test_dry_run_profile_lists_kernels_before_the_table(capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     profile = out[out.index("torch-cuda kernels, batch 2 (graphs off)"):]
-    total_ms = float(profile.split(": ", 1)[1].split(" ms")[0])
+    launches, total_ms = profile.split(": ", 1)[1].split(" kernels, ")
+    total_ms = float(total_ms.split(" ms")[0])
+    assert float(launches) >= 4
     rows = [line for line in profile.splitlines()[3:7]]
     assert len(rows) == 4 and all(line.startswith("| aten::") for line in rows), rows
     shares = [float(line.split("|")[4].strip().rstrip("%")) for line in rows]
