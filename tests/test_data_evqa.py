@@ -119,8 +119,27 @@ def test_errors(evqa):
         read_evqa(folder)
     (folder / "test.csv").unlink()
     (folder / "encyclopedic_kb_wiki.json").write_text('{"a": [}')
-    with pytest.raises(DataError, match=r"encyclopedic_kb_wiki\.json:1: not valid JSON"):
+    with pytest.raises(DataError, match=r"encyclopedic_kb_wiki\.json: not valid JSON \(parse error: unallowed token"):
+        read_evqa(folder)
+    (folder / "encyclopedic_kb_wiki.json").write_text('[{"a": 1}]')
+    with pytest.raises(DataError, match=r"expected one JSON object mapping wikipedia_url -> page, found '\['"):
         read_evqa(folder)
     (folder / "encyclopedic_kb_wiki.json").unlink()
     with pytest.raises(DataError, match="knowledge base .* not found"):
         read_evqa(folder)
+
+
+def test_knowledge_base_is_streamed_page_by_page(tmp_path):
+    """Pages come out one at a time: the first is read before the parser reaches a broken tail (a
+    whole-file json.load would hold the multi-GB release file in memory and fail before any page)."""
+    from mimic_engine.data.evqa import _kb_pages
+
+    path = tmp_path / "kb.json"
+    path.write_bytes(b'{"https://en.wikipedia.org/wiki/Cat": {"title": "Cat", "section_titles": ["Cat"], '
+                     b'"section_texts": ["A small carnivore."], "score": 0.5}, "https://broken": {"title": ')
+    pages = _kb_pages(path)
+    url, page = next(pages)
+    assert url == "https://en.wikipedia.org/wiki/Cat" and page["section_texts"] == ["A small carnivore."]
+    assert page["score"] == 0.5 and isinstance(page["score"], float)
+    with pytest.raises(DataError, match="not valid JSON"):
+        next(pages)

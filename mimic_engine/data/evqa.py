@@ -20,8 +20,9 @@ Choices made here (the release does not fix them):
   "<page title> - <section title>: <section text>" cut to `max_section_chars` characters at a word
   boundary; and one image document per KB image whose pixels are in kb_images/, id
   `<url>#image<k>`, caption = its image_reference_description. Without kb_images/ the corpus is
-  text-only (logged). The KB is loaded whole (json); `pages="referenced"` keeps only the pages some
-  loaded question points to (a small benchmark corpus).
+  text-only (logged). The KB is streamed page by page (ijson: the release's file is several GB, and
+  a whole-file `json.load` needs many times that in memory); `pages="referenced"` keeps only the pages
+  some loaded question points to (a small benchmark corpus).
 - Queries: image + text (the question and its first `max_query_images` dataset images, default 1
   as in the EVQA retrieval papers); id `<split>-<row index>`; answers = the `answer` cell split on
   "|". Positives: every document of the question's wikipedia_url page(s).
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -156,16 +156,9 @@ def _kb_documents(path: Path, wanted, kb_images, max_chars: int, problems):
 
     if not path.is_file():
         raise DataError(f"knowledge base {path} not found (encyclopedic_kb_wiki.json of the EVQA release)")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            kb = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(kb, dict):
-        raise DataError(f"{path}: expected one JSON object mapping wikipedia_url -> page, got {type(kb).__name__}")
 
     documents, page_docs, no_pixels = [], {}, 0
-    for url, page in kb.items():
+    for url, page in _kb_pages(path):
         if wanted is not None and url not in wanted:
             continue
         where = f"{path}: page {url!r}"
@@ -204,6 +197,24 @@ def _kb_documents(path: Path, wanted, kb_images, max_chars: int, problems):
     if no_pixels:
         log.warning("%s: %d knowledge-base images have no file in kb_images/ and are not indexed", path, no_pixels)
     return documents, page_docs
+
+
+def _kb_pages(path: Path):
+    """Stream the (wikipedia_url, page) pairs of the KB's top-level object, one page in memory at a time."""
+    import ijson
+
+    with open(path, "rb") as fh:
+        head = fh.read(4096).lstrip()
+        if not head.startswith(b"{"):
+            found = head[:1].decode("utf-8", "replace") or "an empty file"
+            raise DataError(f"{path}: expected one JSON object mapping wikipedia_url -> page, found {found!r} at "
+                            "the start")
+        fh.seek(0)
+        try:
+            yield from ijson.kvitems(fh, "", use_float=True)
+        except ijson.JSONError as exc:
+            where = " ".join(str(exc).split())  # yajl's message with the text around the error
+            raise DataError(f"{path}: not valid JSON ({where})") from None
 
 
 def _queries(split, path, rows, page_docs, images, max_images, problems) -> list:
