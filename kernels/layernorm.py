@@ -55,7 +55,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
     """LayerNorm over the last dimension with fp32 statistics.
 
     x (..., H) fp32/fp16/bf16; weight, bias (H,) any float dtype or None. Returns (..., H) in x's dtype.
-    The last dimension must be contiguous (other strides are free); H up to 65536.
+    Any strides (rows whose last dimension is not contiguous are copied first); H up to 65536.
     """
     if impl != "torch":
         impl = resolve_impl(impl, x)

@@ -266,8 +266,9 @@ class CudaGraphBackend(Backend):
     name = "torch-cuda"
 
     def __init__(self, model, tokenizer, device: str | torch.device = "cuda", model_id: str | None = None, *,
-                 dtype: str = "fp16", wo_dtype: str = "fp32", buckets: Buckets | None = None, kernels: bool = True, attention: str = "auto",
-                 graphs: bool = True, allow_tf32: bool = True, copy_model: bool = True, max_batch: int = 64):
+                 dtype: str = "fp16", wo_dtype: str = "fp32", buckets: Buckets | None = None, kernels: bool = True,
+                 attention: str = "auto", graphs: bool = True, allow_tf32: bool = True, copy_model: bool = True,
+                 max_batch: int = 64):
         from mimic_engine.kernels.attention import IMPLS as ATTENTION_IMPLS
         from mimic_engine.kernels.t5 import swap_t5_stacks
 
