@@ -82,10 +82,8 @@ def digit_images(n: int, seed: int = 0, size: int = 64) -> list:
     return out
 
 
-def bench_items(preprocessor, n: int, spec: InputSpec) -> list:
-    """n deterministic items: text of exactly `spec.text_tokens` tokens (with specials), plus images."""
-    from .preprocess import Item
-
+def bench_layout(preprocessor, n: int, spec: InputSpec) -> tuple[list, list]:
+    """n deterministic texts of exactly `spec.text_tokens` tokens (with specials) and images per item."""
     tok = preprocessor.tokenizer
     max_len = preprocessor.max_length
     n_tokens = spec.text_tokens or max_len
@@ -104,12 +102,47 @@ def bench_items(preprocessor, n: int, spec: InputSpec) -> list:
     n_words = max(n_tokens - specials, 1)
     texts = [" ".join(rng.choice(words, n_words)) for _ in range(n)]
     text_only = set(rng.choice(n, int(round(spec.text_only_fraction * n)), replace=False).tolist())
-    images = iter(digit_images(n * spec.images_per_item, spec.seed))
-    items = []
-    for i, text in enumerate(texts):
-        imgs = [] if (i in text_only or spec.images_per_item == 0) else [next(images) for _ in range(spec.images_per_item)]
-        items.append(Item(text=text, images=imgs, name=f"bench[{i}]"))
-    return items
+    counts = [0 if i in text_only else spec.images_per_item for i in range(n)]
+    return texts, counts
+
+
+def bench_items(preprocessor, n: int, spec: InputSpec) -> list:
+    """n deterministic items: the `bench_layout` texts with decoded digit scans as their images."""
+    from .preprocess import Item
+
+    texts, counts = bench_layout(preprocessor, n, spec)
+    images = iter(digit_images(sum(counts), spec.seed))
+    return [Item(text=text, images=[next(images) for _ in range(c)], name=f"bench[{i}]")
+            for i, (text, c) in enumerate(zip(texts, counts))]
+
+
+def decoded_images_available() -> bool:
+    """Pillow and scikit-learn (the digit scans) are installed, so benchmark items carry real images."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("PIL", "sklearn"))
+
+
+def synthetic_batch(preprocessor, n: int, spec: InputSpec):
+    """The `bench_layout` items as an EncoderBatch whose images are random pixel tensors of the model's
+    input size: for a machine without Pillow (a bare GPU box). The backends see the same shapes."""
+    import torch
+
+    from .modeling import EncoderBatch
+
+    texts, counts = bench_layout(preprocessor, n, spec)
+    input_ids, attention_mask, truncated = preprocessor.tokenize(texts)
+    s = preprocessor.config.vision.image_size
+    pixels = torch.randn(sum(counts), 3, s, s, generator=torch.Generator().manual_seed(spec.seed))
+    return EncoderBatch(input_ids, attention_mask, pixels, torch.tensor(counts, dtype=torch.long), truncated)
+
+
+def bench_batch(preprocessor, n: int, spec: InputSpec):
+    """-> (EncoderBatch of n bench items, median preprocessing ms), or (synthetic batch, None) where
+    Pillow or scikit-learn is missing: no image is decoded then, so no preprocessing time exists."""
+    if decoded_images_available():
+        return collate_timed(preprocessor, bench_items(preprocessor, n, spec))
+    return synthetic_batch(preprocessor, n, spec), None
 
 
 def collate_timed(preprocessor, items, repeats: int = 3):
@@ -409,7 +442,7 @@ def _memory_probe(job: dict) -> dict:
     before = _rss_now_mb()
     kw = {"threads": job["threads"]} if (job["threads"] and name.startswith("onnx")) else {}
     backend = load_backend(name, job["path"], job["device"], **kw)
-    batch = backend.preprocessor.collate(bench_items(backend.preprocessor, job["batch"], InputSpec(**job["spec"])))
+    batch, _ = bench_batch(backend.preprocessor, job["batch"], InputSpec(**job["spec"]))
     for _ in range(3):
         backend.encode_batch(batch)
     peak, what = _peak_rss_mb()
@@ -554,7 +587,8 @@ def run_bench(opts: BenchOptions) -> dict:
      "inputs": {"text_tokens", "images_per_item", "text_only_fraction", "visual_tokens_per_image", "seed"},
      "settings": {"iters", "warmup", "device", "batches", "interleaved", "baseline"},
      "environment": {"cpu", "cpu_count", "versions", "torch_threads", "gpu", ...},
-     "preprocess_ms": {batch: median ms of collating that batch (excluded from latency)},
+     "preprocess_ms": {batch: median ms of collating that batch (excluded from latency); null where
+                       Pillow is missing and the images are random pixel tensors},
      "backends": {name: {"status": "ok"|"skipped", "reason"?, "load_s"?, "device"?, "memory"?}},
      "results": [{"backend", "batch", "latency_ms": {"median", "p90", "p99", "mean", "min", "n"},
                   "device_ms": same or null, "items_per_s", "speedup", "parity": {"min_cosine",
@@ -578,8 +612,11 @@ def run_bench(opts: BenchOptions) -> dict:
         base = backends[BASELINE]
         pre = base.preprocessor
         batches, preprocess_ms = {}, {}
+        if not decoded_images_available():
+            log("Pillow or scikit-learn is not installed: images are random pixel tensors (same shapes), "
+                "preprocessing is not timed")
         for bs in batch_sizes:
-            batches[bs], preprocess_ms[bs] = collate_timed(pre, bench_items(pre, bs, opts.inputs))
+            batches[bs], preprocess_ms[bs] = bench_batch(pre, bs, opts.inputs)
         timings = time_backends(backends, batches, opts.iters, opts.warmup)
         results = summarize(timings, list(backends), batch_sizes)
         for name, backend in backends.items():
@@ -645,7 +682,7 @@ def format_table(report: dict) -> str:
         cos = r["parity"]["min_cosine"]
         rows.append((r["backend"], str(r["batch"]), f"{lat['median']:.2f}", f"{lat['p90']:.2f}", f"{lat['p99']:.2f}",
                      f"{r['items_per_s']:.1f}", f"{r['speedup']:.2f}x",
-                     f"{cos:.6f}" + (" !" if cos < PARITY_WARN else ""), f"{report['preprocess_ms'][str(r['batch'])]:.1f}"))
+                     f"{cos:.6f}" + (" !" if cos < PARITY_WARN else ""), _ms(report["preprocess_ms"][str(r["batch"])])))
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
     lines += [fmt(header), fmt(["-" * w for w in widths])]
@@ -683,6 +720,10 @@ def format_table(report: dict) -> str:
     if m["random_weights"]:
         lines += ["", "note: random weights; latency and parity are meaningful, retrieval quality is not"]
     return "\n".join(lines)
+
+
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def plot_report(report: dict, path: str) -> str:

@@ -132,6 +132,27 @@ def test_bench_items_token_count_images_and_mix(tiny_encoders):
     assert text_only.pixel_values.shape[0] == 0 and text_only.input_ids.shape[1] == pre.max_length
 
 
+def test_without_pillow_images_are_random_pixel_tensors(tmp_path, tiny_encoders, monkeypatch):
+    """A bare GPU machine has no Pillow: the benchmark then feeds random pixels of the same shapes."""
+    from mimic_engine import bench
+    from mimic_engine.bench import InputSpec, bench_items, synthetic_batch
+
+    pre = tiny_encoders("decoder").preprocessor
+    spec = InputSpec(text_tokens=12, images_per_item=2, text_only_fraction=0.5, seed=3)
+    real, synthetic = pre.collate(bench_items(pre, 8, spec)), synthetic_batch(pre, 8, spec)
+    assert synthetic.pixel_values.shape == real.pixel_values.shape
+    assert synthetic.image_counts.tolist() == real.image_counts.tolist()
+    assert synthetic.input_ids.equal(real.input_ids) and synthetic.attention_mask.equal(real.attention_mask)
+
+    monkeypatch.setattr(bench, "decoded_images_available", lambda: False)
+    out = tmp_path / "bench.json"
+    result = run_cli(["bench", *FAST, "--batches", "2", "--backends", "torch", "--no-peak-memory", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["preprocess_ms"] == {"2": None} and report["results"][0]["parity"]["min_cosine"] > 0.9999
+    rows = [line for line in result.output.splitlines() if line.startswith("torch ")]
+    assert rows and rows[0].rstrip().endswith(" -")  # no preprocessing time in the table
+
+
 def test_text_only_batches_run(tmp_path):
     out = tmp_path / "bench.json"
     run_cli(["bench", *FAST, "--batches", "2", "--backends", "torch", "--images-per-item", "0", "--no-peak-memory",
