@@ -240,6 +240,36 @@ def test_backend_rejects_shapes_beyond_its_buckets(tiny_encoders):
         backend.run_fusion(ids, ids, torch.zeros(1, 5 * 16, h), torch.ones(1, 5 * 16, dtype=torch.long))
 
 
+def test_capture_all_covers_every_bucket(tiny_encoders, monkeypatch):
+    """`warmup` with graphs on captures each vision and fusion bucket once (graph capture replaced by a
+    recorder here: the bucket logic is what is tested on CPU)."""
+    from mimic_engine.runtime import cuda_backend
+
+    recorded = []
+
+    class Recorder:
+        def __init__(self, fn, static_inputs, pool):
+            recorded.append(tuple(t.shape for t in static_inputs))
+            self.fn = fn
+
+        def __call__(self, *inputs):
+            return self.fn(*inputs)
+
+    monkeypatch.setattr(cuda_backend, "_CapturedCall", Recorder)
+    enc = tiny_encoders("decoder")
+    backend = CudaGraphBackend.from_encoder(enc, device="cpu", dtype="fp32", max_batch=4)
+    backend.graphs = True  # on CPU the recorder stands in for torch.cuda.CUDAGraph
+    backend.warmup()
+    b = backend.buckets
+    fusion = [k for k in backend.captured_buckets if k[0] == "fusion"]
+    vision = [k for k in backend.captured_buckets if k[0] == "vision"]
+    assert len(vision) == len(b.vision) and len(fusion) == len(b.batch) * len(b.text) * len(b.images)
+    assert len(recorded) == len(vision) + len(fusion)  # each bucket captured exactly once
+    assert backend.capture_all() == 0  # all there already
+    np.testing.assert_allclose(run(backend), reference(enc), atol=2e-5)  # replays only, still exact
+    assert len(recorded) == len(vision) + len(fusion)
+
+
 def test_backend_options_are_checked(tiny_encoders):
     enc = tiny_encoders("decoder")
     with pytest.raises(ConfigError, match="dtype"):

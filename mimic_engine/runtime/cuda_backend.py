@@ -408,6 +408,27 @@ class CudaGraphBackend(Backend):
         v = images * self.tokens_per_image
         self.run_fusion(ids, am, torch.zeros(batch, v, h), torch.ones(batch, v, dtype=torch.long))
 
+    def capture_all(self) -> int:
+        """Capture every vision and fusion bucket now (a server calls it through `warmup` at start), so
+        that no request pays for a capture. -> how many graphs were captured by this call."""
+        before = len(self._captured)
+        s = self.preprocessor.config.vision.image_size
+        for n in self.buckets.vision:
+            self.run_vision(torch.zeros(n, 3, s, s))
+        for batch in self.buckets.batch:
+            for text in self.buckets.text:
+                for images in self.buckets.images:
+                    self.capture(batch, text, images)
+        log.info("torch-cuda: %d graphs captured", len(self._captured))
+        return len(self._captured) - before
+
+    def warmup(self) -> None:
+        """With CUDA graphs: capture every bucket (`capture_all`); without: one small mixed batch."""
+        if self.graphs:
+            self.capture_all()
+        else:
+            super().warmup()
+
     @property
     def captured_buckets(self) -> list:
         return sorted(self._captured)
