@@ -67,3 +67,17 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
 def row_launch_config(h: int) -> dict:
     """Row kernels (the norms): one program per row, the whole row of H values in registers."""
     return dict(BLOCK=next_pow2(h), num_warps=4 if h <= 2048 else 8)
+
+
+def replace_modules(model: torch.nn.Module, match, make) -> int:
+    """Replace, in place, every submodule `m` of `model` with `match(m)` true by `make(m)`. -> how many.
+
+    How the kernels get into a model: `swap_t5_stacks`, `swap_quick_gelu` and the fp16 islands use it.
+    """
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if match(child):
+                setattr(parent, name, make(child))
+                replaced += 1
+    return replaced

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .dispatch import replace_modules
 from .rmsnorm import rmsnorm_residual
 
 
@@ -181,10 +182,5 @@ def swap_t5_stacks(model: nn.Module, attention_impl: str = "auto", norm_impl: st
     """Replace every HF `T5Stack` inside `model` by a `FastT5Stack`, in place. Returns how many were swapped."""
     from transformers.models.t5.modeling_t5 import T5Stack
 
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, T5Stack):
-                setattr(parent, name, FastT5Stack(child, attention_impl, norm_impl))
-                swapped += 1
-    return swapped
+    return replace_modules(model, lambda m: isinstance(m, T5Stack),
+                           lambda m: FastT5Stack(m, attention_impl, norm_impl))

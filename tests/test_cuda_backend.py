@@ -170,6 +170,20 @@ def test_backend_on_cpu_fp32_matches_the_encoder(fusion, tiny_encoders):
     assert next(enc.model.parameters()).dtype == torch.float32
 
 
+def test_backend_swaps_in_the_kernel_modules(tiny_encoders):
+    from transformers.activations import QuickGELUActivation
+
+    from mimic_engine.kernels.activations import QuickGELU
+
+    enc = tiny_encoders("decoder")
+    before = sum(isinstance(m, QuickGELUActivation) for m in enc.model.modules())
+    backend = CudaGraphBackend.from_encoder(enc, device="cpu")
+    assert before > 0 and sum(isinstance(m, QuickGELU) for m in backend.model.modules()) == before
+    assert not any(isinstance(m, QuickGELUActivation) for m in backend.model.modules())
+    plain = CudaGraphBackend.from_encoder(enc, device="cpu", kernels=False)
+    assert sum(isinstance(m, QuickGELUActivation) for m in plain.model.modules()) == before
+
+
 def test_backend_encodes_decoded_items_like_the_encoder(tiny_encoders):
     """The whole `encode(items)` path (image decoding, length-sorted batches) on CPU."""
     pytest.importorskip("PIL", reason="image decoding needs Pillow")

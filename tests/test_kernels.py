@@ -157,6 +157,35 @@ def test_layer_norm_reference_and_shape_checks():
             layer_norm(x.to(DEVICE), w[:8].to(DEVICE), None, impl="triton")
 
 
+# ---- QuickGELU ------------------------------------------------------------------------------------
+@kernel_case
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 7, 40), (2, 1500), (0, 8)])
+def test_quick_gelu_matches_reference(dtype, shape):
+    from mimic_engine.kernels.activations import quick_gelu, quick_gelu_reference
+
+    x = (torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 4).to(DEVICE, dtype)
+    y = quick_gelu(x, impl="triton")  # 1500 values: two programs, the second partly masked
+    assert y.dtype == dtype and y.shape == x.shape
+    torch.testing.assert_close(y, quick_gelu_reference(x), **tol(dtype))
+    strided = x.transpose(0, -1) if x.dim() > 1 else x  # a non-contiguous view
+    torch.testing.assert_close(quick_gelu(strided, impl="triton"), quick_gelu_reference(strided), **tol(dtype))
+
+
+def test_quick_gelu_reference_and_module_swap():
+    from transformers.activations import QuickGELUActivation
+
+    from mimic_engine.kernels.activations import QuickGELU, quick_gelu_reference, swap_quick_gelu
+
+    x = torch.randn(4, 10) * 4
+    torch.testing.assert_close(quick_gelu_reference(x), QuickGELUActivation()(x))
+    model = torch.nn.Sequential(torch.nn.Linear(10, 10), QuickGELUActivation(),
+                                torch.nn.Sequential(QuickGELUActivation()))
+    assert swap_quick_gelu(model, impl="torch") == 2
+    assert [type(m) for m in model.modules()].count(QuickGELU) == 2
+    assert not any(isinstance(m, QuickGELUActivation) for m in model.modules())
+
+
 # ---- attention ---------------------------------------------------------------------------------
 def _attention_inputs(b, heads, m, n, d, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)

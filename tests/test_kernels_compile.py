@@ -22,7 +22,7 @@ try:
 except ImportError as exc:  # pragma: no cover - other triton versions
     pytest.skip(f"this triton ({triton.__version__}) has no ahead-of-time compile API: {exc}", allow_module_level=True)
 
-from mimic_engine.kernels import attention, l2norm, layernorm, rmsnorm
+from mimic_engine.kernels import activations, attention, l2norm, layernorm, rmsnorm
 from mimic_engine.kernels.dispatch import row_launch_config
 
 # (arch, usable shared memory per block in bytes)
@@ -116,6 +116,12 @@ def test_layer_norm_kernel_compiles(h):
     k = compile_for(layernorm._layer_norm_kernel, {"X": torch.float16, "W": torch.float32, "B": torch.float32,
                                                    "Y": torch.float16},
                     dict(HAS_WEIGHT=True, HAS_BIAS=True, **cfg), options, 90)
+    check(k, "sm_90")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quick_gelu_kernel_compiles(dtype):
+    k = compile_for(activations._quick_gelu_kernel, {"X": dtype, "Y": dtype}, dict(BLOCK=activations.BLOCK), {}, 90)
     check(k, "sm_90")
 
 

@@ -6,7 +6,8 @@
 What it does to the model (a private copy; the caller's model is untouched):
 1. `swap_t5_stacks`: every HF `T5Stack` (T5 text encoder, fusion decoder) becomes a `FastT5Stack`
    (fused QKV, relative-position-bias attention kernel, residual add + RMS norm kernel, one-step
-   decoder shortcut; see `mimic_engine.kernels.t5`).
+   decoder shortcut; see `mimic_engine.kernels.t5`); `swap_quick_gelu`: CLIP's QuickGELU becomes
+   one elementwise kernel.
 2. `convert_fp16_islands`: weights in fp16, except the fp32 islands: T5 RMS norms (and the fp32
    residual stream of `FastT5Stack`), the T5 FFN output projection `wo` (its input is cast to fp32,
    so its product and the residual add cannot overflow fp16's range), LayerNorm of BERT / CLIP, and
@@ -111,12 +112,11 @@ def convert_fp16_islands(model: nn.Module, dtype: torch.dtype = torch.float16,
     """
     from transformers.models.t5.modeling_t5 import T5DenseActDense, T5DenseGatedActDense, T5LayerNorm
 
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.LayerNorm) and not isinstance(child, Fp32LayerNorm):
-                setattr(parent, name, Fp32LayerNorm.from_module(child))
-            elif isinstance(child, T5LayerNorm):
-                setattr(parent, name, Fp32RMSNorm(child, dtype))
+    from mimic_engine.kernels.dispatch import replace_modules
+
+    replace_modules(model, lambda m: isinstance(m, nn.LayerNorm) and not isinstance(m, Fp32LayerNorm),
+                    Fp32LayerNorm.from_module)
+    replace_modules(model, lambda m: isinstance(m, T5LayerNorm), lambda m: Fp32RMSNorm(m, dtype))
     keep, wo = set(), set()
     for module in model.modules():
         if isinstance(module, (T5DenseActDense, T5DenseGatedActDense)):
@@ -269,6 +269,7 @@ class CudaGraphBackend(Backend):
                  dtype: str = "fp16", wo_dtype: str = "fp32", buckets: Buckets | None = None, kernels: bool = True,
                  attention: str = "auto", graphs: bool = True, allow_tf32: bool = True, copy_model: bool = True,
                  max_batch: int = 64):
+        from mimic_engine.kernels.activations import swap_quick_gelu
         from mimic_engine.kernels.attention import IMPLS as ATTENTION_IMPLS
         from mimic_engine.kernels.t5 import swap_t5_stacks
 
@@ -297,6 +298,7 @@ class CudaGraphBackend(Backend):
             text._cache = None  # cannot run inside a CUDA graph, and would hold fp32 states of the old weights
         if kernels:
             swap_t5_stacks(model, attention_impl=attention)
+            swap_quick_gelu(model)  # CLIP's MLP activation: one kernel instead of three
         if self.dtype != torch.float32:
             convert_fp16_islands(model, self.dtype, self.wo_dtype)
         self.model = model.to(device)
