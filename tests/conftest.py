@@ -25,17 +25,20 @@ def make_image_bytes(seed: int = 0, size=(40, 30), fmt: str = "PNG", mode: str =
     return buf.getvalue()
 
 
+# Every kind of item in one batch: text-only, image-only, image+caption, two images, a long text.
+MIXED_TEXTS = ("a handwritten seven", None, "digit scan with caption", "two views of one thing",
+               "a much longer text item that needs more tokens than the others in this batch do")
+MIXED_IMAGE_COUNTS = (0, 1, 1, 2, 0)
+
+
 def mixed_items():
-    """Every kind of item in one batch: text-only, image-only, image+caption, two images, a long text."""
+    """MIXED_TEXTS with MIXED_IMAGE_COUNTS encoded images each (PNG, the last one JPEG)."""
     from mimic_engine.preprocess import Item
 
-    return [
-        Item(text="a handwritten seven"),
-        Item(images=[make_image_bytes(1)]),
-        Item(text="digit scan with caption", images=[make_image_bytes(2)]),
-        Item(text="two views of one thing", images=[make_image_bytes(3), make_image_bytes(4, fmt="JPEG")]),
-        Item(text="a much longer text item that needs more tokens than the others in this batch do"),
-    ]
+    seeds = iter(range(1, 1 + sum(MIXED_IMAGE_COUNTS)))  # image seeds 1..4; seed 4 is the JPEG
+    return [Item(text=text, images=[make_image_bytes(s, fmt="JPEG" if s == 4 else "PNG")
+                                    for s in (next(seeds) for _ in range(count))])
+            for text, count in zip(MIXED_TEXTS, MIXED_IMAGE_COUNTS)]
 
 
 @pytest.fixture(scope="session")

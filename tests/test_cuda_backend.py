@@ -17,6 +17,7 @@ from mimic_engine.errors import ConfigError, InputError
 from mimic_engine.modeling import build_model
 from mimic_engine.runtime.cuda_backend import (Buckets, CudaGraphBackend, Fp32LayerNorm, Fp32RMSNorm, bucket_up,
                                                 convert_fp16_islands, pad_fusion_inputs)
+from tests.conftest import MIXED_IMAGE_COUNTS, MIXED_TEXTS
 
 T5_TINY = dict(vocab_size=30522, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
                relative_attention_num_buckets=8, relative_attention_max_distance=20, feed_forward_proj="relu")
@@ -28,13 +29,8 @@ def tiny_t5_config():
     return preset("tiny", **{"text.kind": "t5", "text.hf_config": dict(T5_TINY)})
 
 
-# Every kind of item (as tests.conftest.mixed_items): text, image, image + caption, two images + text, a
-# long text. Built as an EncoderBatch with random pixels, without image decoding: the GPU machines that
-# run these tests may not have Pillow.
-MIXED_TEXTS = ("a handwritten seven", None, "digit scan with caption", "two views of one thing",
-               "a much longer text item that needs more tokens than the others in this batch do")
-MIXED_IMAGE_COUNTS = (0, 1, 1, 2, 0)
-
+# The items of tests.conftest.mixed_items, built below as an EncoderBatch with random pixels, without image
+# decoding: the GPU machines that run these tests may not have Pillow.
 
 def mixed_batch(model_or_backend, seed: int = 0):
     """The mixed items as an EncoderBatch on the CPU (the same batch for the same seed)."""
