@@ -56,7 +56,8 @@ def create_app(settings: ServerSettings, backend, index) -> FastAPI:
                   description="Universal multimodal retrieval: embed text, images and image+text items into one "
                               "space and search one mixed index.")
     app.add_middleware(LimitsAndMetrics, metrics=metrics, max_body_bytes=settings.max_body_bytes)
-    app.state.server = ServerState(settings, backend, index, encoder, metrics)
+    app.state.server = ServerState(settings, backend, index, encoder, metrics)  # what the routes read
+    # the parts by name as well, for callers that inspect a built app (app.state.settings, .index)
     app.state.settings, app.state.backend, app.state.index, app.state.encoder = settings, backend, index, encoder
     add_error_handlers(app)
     app.include_router(router)
