@@ -8,7 +8,7 @@ Design (version 2; captions and pixels say different things, so fusion matters, 
   upscaled bicubic to 32x32 RGB PNG; id = 10000 + its index in load_digits. Each scan is also
   given a writer, whose notebook it is from (Anna, Ben, Chloe, David). Each digit's scans, in
   seeded random order, take the 16 (colour, writer) pairs in turn, so every (digit, colour, writer)
-  cell holds 11-12 scans and colour and writer are independent of each other and of the shape.
+  cell holds 10-12 scans and colour and writer are independent of each other and of the shape.
   Captions name the digit and the writer, never the colour, with 6 templates in word or numeral
   form ("a handwritten seven from Anna's notebook", "David wrote this 4"). So the colour is a
   fact only the pixels show and the writer a fact only the caption states.
@@ -17,7 +17,7 @@ Design (version 2; captions and pixels say different things, so fusion matters, 
   pixels of the other 40% are never a training positive or negative.
 - Image-seeking queries, of three kinds (each query line's "kind"):
   conjunctive  ("the red 7 from Anna's notebook"): positives = images of that digit, colour AND
-               writer (160 classes of 11-12): needs the pixels and the caption;
+               writer (160 classes of 10-12): needs the pixels and the caption;
   pixel-only   ("show me a red 7"): digit and colour (40 classes of about 45): the caption
                cannot tell the colour, the pixels answer alone;
   caption-only ("a 7 from Anna's notebook"): digit and writer (40 classes of about 45): no pixel
@@ -272,7 +272,7 @@ def _image_part(rng):
     ids = [str(IMAGE_ID_BASE + i) for i in range(len(target))]
 
     # Each digit's scans, in random order, take the 16 (colour, writer) pairs in turn: every
-    # (digit, colour, writer) cell holds 11-12 scans, and colour and writer are independent.
+    # (digit, colour, writer) cell holds 10-12 scans, and colour and writer are independent.
     combos = [(c, w) for w in WRITERS for c in INK_COLOURS]
     cell = {}
     for d in range(10):
