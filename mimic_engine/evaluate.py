@@ -269,20 +269,17 @@ def _same_caption_shift(encoder, eligible: list[Document], images, rng, max_pair
     by_caption: dict[str, list[Document]] = {}
     for d in eligible:
         by_caption.setdefault(d.text.strip(), []).append(d)
-    pairs = [(a, b) for group in by_caption.values() for a, b in zip(group, group[1:]) if a.image_ids != b.image_ids]
+    pairs = [(a, b) for group in by_caption.values() for a, b in zip(group, group[1:])]
     if len(pairs) > max_pairs:
         pairs = [pairs[i] for i in np.sort(rng.choice(len(pairs), size=max_pairs, replace=False))]
-    members = list(dict.fromkeys(d.id for pair in pairs for d in pair))
-    by_id = {d.id: d for pair in pairs for d in pair}
-    items = {i: by_id[i].to_item(images, keep_caption=True) for i in members}
-    pairs = [(a, b) for a, b in pairs if items[a.id].images != items[b.id].images]  # duplicate bytes: not two images
+    items = {d.id: d.to_item(images, keep_caption=True) for pair in pairs for d in pair}
+    pairs = [(a.id, b.id) for a, b in pairs if items[a.id].images != items[b.id].images]  # same bytes: not two images
     if not pairs:
         return None, 0
-    members = list(dict.fromkeys(d.id for pair in pairs for d in pair))
-    vec = _unit(_encode(encoder, [items[i] for i in members], len(members), "document", batch_size))  # (M, E)
-    row = {i: k for k, i in enumerate(members)}
-    a = vec[[row[p.id] for p, _ in pairs]]
-    b = vec[[row[q.id] for _, q in pairs]]
+    used = list(dict.fromkeys(i for pair in pairs for i in pair))
+    vec = _unit(_encode(encoder, [items[i] for i in used], len(used), "document", batch_size))  # (M, E)
+    row = {i: k for k, i in enumerate(used)}
+    a, b = vec[[row[i] for i, _ in pairs]], vec[[row[j] for _, j in pairs]]  # (P, E) each
     return float(np.mean(1.0 - np.sum(a * b, axis=1))), len(pairs)
 
 
