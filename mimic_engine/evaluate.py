@@ -237,7 +237,8 @@ def diagnostics(encoder, dataset: RetrievalDataset, max_items: int = 500, seed: 
     def dist(a, b):
         return float(np.mean(1.0 - np.sum(vec[a] * vec[b], axis=1)))
 
-    same_caption_shift, n_pairs = _same_caption_shift(encoder, eligible, images, rng, max(1, max_items // 2), batch_size)
+    same_caption_shift, n_pairs = _same_caption_shift(encoder, eligible, images, rng, max(1, max_items // 2),
+                                                      batch_size)
 
     removal, swapped = dist("full", "bare"), dist("full", "swap")
     sims = vec["text"] @ vec["bare"].T  # (n, n): caption i vs image j

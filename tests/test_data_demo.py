@@ -93,7 +93,8 @@ def words_of(text: str) -> list[str]:
 def named_facts(text: str) -> dict:
     """The digit, ink colour and writer a caption or query names (None where it names none)."""
     words = words_of(text)
-    digits = {int(w) if w.isdigit() else demo.DIGIT_WORDS.index(w) for w in words if w.isdigit() or w in demo.DIGIT_WORDS}
+    digits = {int(w) if w.isdigit() else demo.DIGIT_WORDS.index(w)
+              for w in words if w.isdigit() or w in demo.DIGIT_WORDS}
     colours = {w for w in words if w.lower() in demo.INK_COLOURS}
     writers = {w for w in words if w in demo.WRITERS}
     assert len(digits) == 1 and len(colours) <= 1 and len(writers) <= 1, text

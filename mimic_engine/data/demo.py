@@ -295,7 +295,8 @@ def _image_part(rng):
     in_train_pool = np.zeros(len(ids), dtype=bool)
     for c in cells:
         members = _matching(columns, everything, dict(enumerate(c)))
-        in_train_pool[[members[j] for j in rng.permutation(len(members))[:round(TRAIN_POOL_FRACTION * len(members))]]] = True
+        n_train = round(TRAIN_POOL_FRACTION * len(members))
+        in_train_pool[[members[j] for j in rng.permutation(len(members))[:n_train]]] = True
 
     queries = {s: [] for s in SPLITS}
     for kind, fields in KIND_FIELDS.items():
