@@ -15,10 +15,7 @@ scans, PNG, base64), `--image-fraction` of them images.
 """
 from __future__ import annotations
 
-import base64
-import io
 import ipaddress
-import json
 import os
 import signal
 import socket
@@ -26,12 +23,18 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
+from typing import Iterator
 from urllib.parse import urlsplit
 
-import click
 import numpy as np
 
-from .errors import ConfigError, MimicError
+from ..errors import ConfigError, MimicError
+from . import log
+from .environment import environment
+from .inputs import digit_png_base64
+from .report import new_report
+from .timing import latency_stats
 
 SCHEMA = "mimic-engine-bench-serve/1"
 ROUTES = {"search": "/v1/search", "embed": "/v1/embed"}
@@ -66,18 +69,6 @@ def check_loopback(url: str) -> str:
     return url.rstrip("/")
 
 
-def digit_png_base64(n: int, seed: int = 0, size: int = 32) -> list[str]:
-    """n PNG images of handwritten digits, base64."""
-    from .bench import digit_images
-
-    out = []
-    for img in digit_images(n, seed, size):
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
-    return out
-
-
 def make_payloads(route: str, n: int = 64, image_fraction: float = 0.3, seed: int = 0, k: int = 10) -> list[dict]:
     """n request bodies for `route` ("search" or "embed"), a share `image_fraction` with an image."""
     rng = np.random.default_rng(seed)
@@ -101,7 +92,7 @@ def run_level(url: str, payloads: list[dict], concurrency: int, requests: int, d
     """Send up to `requests` POSTs to `url` from `concurrency` threads within `duration_s` seconds.
 
     -> {"concurrency", "sent", "ok", "status_counts": {status|"exception:Name": n}, "errors": {...non-2xx...},
-        "wall_s", "qps", "ok_qps", "latency_ms": {"median", "p90", "p99", "mean", "max", "n"} (2xx only) or None}
+        "wall_s", "qps", "ok_qps", "latency_ms": timing.latency_stats of the 2xx answers, or None}
     """
     import httpx
 
@@ -149,16 +140,8 @@ def run_level(url: str, payloads: list[dict], concurrency: int, requests: int, d
         "wall_s": wall,
         "qps": len(flat) / wall if wall > 0 else 0.0,
         "ok_qps": len(ok_ms) / wall if wall > 0 else 0.0,
-        "latency_ms": _stats(ok_ms),
+        "latency_ms": latency_stats(ok_ms),
     }
-
-
-def _stats(ms: list[float]) -> dict | None:
-    if not ms:
-        return None
-    a = np.asarray(ms)
-    return {"median": float(np.median(a)), "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)),
-            "mean": float(a.mean()), "max": float(a.max()), "n": int(a.size)}
 
 
 def server_info(base: str, headers: dict) -> dict | None:
@@ -178,74 +161,57 @@ def server_info(base: str, headers: dict) -> dict | None:
         return None
 
 
-def run_serve_bench(url: str, concurrency: list[int], requests: int, duration_s: float, route: str,
-                    api_key: str | None = None, image_fraction: float = 0.3, warmup: int = 5, seed: int = 0,
-                    timeout_s: float = 30.0) -> dict:
-    """The whole load test -> the report written by --json (schema in `run_level`, per level)."""
-    base = check_loopback(url)
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+@dataclass
+class ServeOptions:
+    """`bench serve`: one load test of a running server, with its defaults."""
+
+    url: str
+    concurrency: list = field(default_factory=lambda: [1, 16])  # concurrent clients, one level each
+    requests: int = 200  # per level, at most
+    duration_s: float = 60.0  # per level, at most
+    route: str = "search"
+    api_key: str | None = None
+    image_fraction: float = 0.3  # share of queries that are PNG digits instead of text
+    warmup: int = 5  # unreported requests first
+    timeout_s: float = 30.0  # per request
+    seed: int = 0
+
+
+@dataclass
+class MatrixOptions:
+    """`bench serve-matrix`: batching on vs off, each against a fresh server, with its defaults."""
+
+    model: str
+    index: str
+    backend: str = "torch"
+    threads: int | None = None
+    concurrency: list = field(default_factory=lambda: [1, 16])
+    requests: int = 300
+    duration_s: float = 120.0
+    image_fraction: float = 0.3
+    log_path: str = "bench-serve-matrix.log"  # the servers' output
+
+
+def run_serve_bench(opts: ServeOptions) -> dict:
+    """The whole load test -> the report written by --json: report.new_report's fields plus
+    {"url", "route", "path", "image_fraction", "requests_per_level", "duration_limit_s", "warmup_requests",
+     "server": GET /v1/info or None, "levels": [run_level(...) per concurrency]}."""
+    base = check_loopback(opts.url)
+    if opts.route not in ROUTES:
+        raise ConfigError(f"route {opts.route!r} is unknown; choose one of {sorted(ROUTES)}")
+    headers = {"Authorization": f"Bearer {opts.api_key}"} if opts.api_key else {}
     info = server_info(base, headers)
-    payloads = make_payloads(route, image_fraction=image_fraction, seed=seed)
-    target = base + ROUTES[route]
-    if warmup:
-        run_level(target, payloads, 1, warmup, duration_s, headers, timeout_s)  # not reported
+    payloads = make_payloads(opts.route, image_fraction=opts.image_fraction, seed=opts.seed)
+    target = base + ROUTES[opts.route]
+    if opts.warmup:
+        run_level(target, payloads, 1, opts.warmup, opts.duration_s, headers, opts.timeout_s)  # not reported
     levels = []
-    for c in concurrency:
-        click.echo(f"[bench serve] concurrency {c}: up to {requests} requests or {duration_s:g} s", err=True)
-        levels.append(run_level(target, payloads, c, requests, duration_s, headers, timeout_s))
-    return {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "url": base,
-            "route": route, "image_fraction": image_fraction, "requests_per_level": requests,
-            "duration_limit_s": duration_s, "warmup_requests": warmup, "server": info, "levels": levels}
-
-
-def format_serve_table(report: dict) -> str:
-    header = ("concurrency", "sent", "ok", "errors", "QPS", "median ms", "p90 ms", "p99 ms")
-    rows = []
-    for lv in report["levels"]:
-        lat = lv["latency_ms"] or {}
-        errors = ", ".join(f"{s}: {n}" for s, n in lv["errors"].items()) or "-"
-        rows.append((str(lv["concurrency"]), str(lv["sent"]), str(lv["ok"]), errors, f"{lv['qps']:.1f}",
-                     *(f"{lat[k]:.1f}" if lat else "-" for k in ("median", "p90", "p99"))))
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    fmt = lambda row: "  ".join(c.rjust(w) for c, w in zip(row, widths))
-    title = f"POST {report['url']}{ROUTES[report['route']]}  ({report['image_fraction']:.0%} image queries)"
-    return "\n".join([title, fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
-
-
-def _int_list(ctx, param, value):
-    try:
-        out = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers; e.g. 1,16") from None
-    if not out or min(out) < 1 or max(out) > MAX_CONCURRENCY:
-        raise click.BadParameter(f"{value!r}: concurrency levels must be integers in [1, {MAX_CONCURRENCY}]")
-    return out
-
-
-@click.command("serve")
-@click.option("--url", required=True, help="The running server, e.g. http://127.0.0.1:8000 (loopback only).")
-@click.option("--concurrency", default="1,16", show_default=True, callback=_int_list,
-              help="Comma-separated numbers of concurrent clients, one level each.")
-@click.option("--requests", type=click.IntRange(1, MAX_REQUESTS), default=200, show_default=True,
-              help="Requests per level (at most).")
-@click.option("--duration", type=click.FloatRange(0.1, 3600), default=60.0, show_default=True,
-              help="Seconds per level (at most).")
-@click.option("--route", type=click.Choice(sorted(ROUTES)), default="search", show_default=True)
-@click.option("--api-key", envvar="MIMIC_API_KEY", default=None, help="Sent as a Bearer token [env MIMIC_API_KEY].")
-@click.option("--image-fraction", type=click.FloatRange(0, 1), default=0.3, show_default=True,
-              help="Share of queries that are images (PNG digits) instead of text.")
-@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Unreported requests first.")
-@click.option("--timeout", type=click.FloatRange(0.1, 600), default=30.0, show_default=True, help="Seconds per request.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report here.")
-def serve_command(url, concurrency, requests, duration, route, api_key, image_fraction, warmup, timeout, json_path):
-    """Load-test a running server: QPS, latency percentiles and errors by status per concurrency level."""
-    report = run_serve_bench(url, concurrency, requests, duration, route, api_key, image_fraction, warmup,
-                             timeout_s=timeout)
-    click.echo(format_serve_table(report))
-    if json_path:
-        with open(json_path, "w") as fh:
-            json.dump(report, fh, indent=2)
-        click.echo(f"wrote {json_path}")
+    for c in opts.concurrency:
+        log(f"concurrency {c}: up to {opts.requests} requests or {opts.duration_s:g} s", "bench serve")
+        levels.append(run_level(target, payloads, c, opts.requests, opts.duration_s, headers, opts.timeout_s))
+    return new_report(SCHEMA, environment("cpu"), url=base, route=opts.route, path=ROUTES[opts.route],
+                      image_fraction=opts.image_fraction, requests_per_level=opts.requests,
+                      duration_limit_s=opts.duration_s, warmup_requests=opts.warmup, server=info, levels=levels)
 
 
 # ---- batching on / off, each against a fresh server -------------------------------------------------
@@ -260,10 +226,11 @@ def start_server(model: str, index: str, extra: list[str], log_path: str, timeou
     import httpx
 
     port = _free_port()
-    log = open(log_path, "ab")
+    log_file = open(log_path, "ab")
     proc = subprocess.Popen([sys.executable, "-m", "mimic_engine.cli", "serve", "--model", model, "--index", index,
                              "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *extra],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                            stdout=log_file, stderr=subprocess.STDOUT,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -279,37 +246,26 @@ def start_server(model: str, index: str, extra: list[str], log_path: str, timeou
     raise MimicError(f"the server was not ready within {timeout_s:g} s; see {log_path}")
 
 
-@click.command("serve-matrix")
-@click.option("--model", required=True, type=click.Path(exists=True), help="Checkpoint or export directory to serve.")
-@click.option("--index", required=True, type=click.Path(file_okay=False), help="Index folder (built for that model).")
-@click.option("--backend", default="torch", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Passed to serve --threads.")
-@click.option("--concurrency", default="1,16", show_default=True, callback=_int_list)
-@click.option("--requests", type=click.IntRange(1, MAX_REQUESTS), default=300, show_default=True)
-@click.option("--duration", type=click.FloatRange(0.1, 3600), default=120.0, show_default=True)
-@click.option("--image-fraction", type=click.FloatRange(0, 1), default=0.3, show_default=True)
-@click.option("--log", "log_path", default="bench-serve-matrix.log", show_default=True, help="The servers' output.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write all reports here.")
-def serve_matrix_command(model, index, backend, threads, concurrency, requests, duration, image_fraction, log_path,
-                         json_path):
-    """Dynamic batching on vs off: for each mode a fresh server, then search and embed at each concurrency."""
-    extra = ["--backend", backend] + (["--threads", str(threads)] if threads else [])
-    reports = []
-    for mode in ("--batching", "--no-batching"):
-        proc, url = start_server(model, index, [*extra, mode], log_path)
+def stop_server(proc) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def serve_matrix(opts: MatrixOptions) -> Iterator[dict]:
+    """For batching on, then off: a fresh server, then search and embed at each concurrency.
+    -> yields each `run_serve_bench` report, with "batching": True/False, as soon as it is measured."""
+    extra = ["--backend", opts.backend] + (["--threads", str(opts.threads)] if opts.threads else [])
+    for batching in (True, False):
+        proc, url = start_server(opts.model, opts.index, [*extra, "--batching" if batching else "--no-batching"],
+                                 opts.log_path)
         try:
             for route in ("search", "embed"):
-                report = run_serve_bench(url, concurrency, requests, duration, route, image_fraction=image_fraction)
-                report["batching"] = mode == "--batching"
-                click.echo(f"batching {'on' if report['batching'] else 'off'}: " + format_serve_table(report))
-                reports.append(report)
+                report = run_serve_bench(ServeOptions(url, opts.concurrency, opts.requests, opts.duration_s, route,
+                                                      image_fraction=opts.image_fraction))
+                report["batching"] = batching
+                yield report
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    if json_path:
-        with open(json_path, "w") as fh:
-            json.dump(reports, fh, indent=2)
-        click.echo(f"wrote {json_path}")
+            stop_server(proc)
