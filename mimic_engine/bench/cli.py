@@ -52,11 +52,14 @@ def int_list(maximum: int | None = None, example: str = "1,8,64"):
     return parse
 
 
-def write_json(report, path: str | None) -> None:
+def save_report(report, path: str | None, announce: bool = True) -> None:
+    """Write the report as JSON to `path` (none: nothing), saying so unless the output must end with a table."""
     if path:
-        from .report import write_json as write
+        from .report import write_json
 
-        click.echo(f"wrote {write(report, path)}")
+        write_json(report, path)
+        if announce:
+            click.echo(f"wrote {path}")
 
 
 JSON_OPTION = click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
@@ -135,7 +138,7 @@ def bench_group(ctx, model, preset, fusion, batch, batches, backends, device, te
     )
     report = run_bench(opts)
     click.echo(format_model_table(report))
-    write_json(report, json_path)
+    save_report(report, json_path)
     if plot_path:
         click.echo(f"wrote {plot_model_report(report, plot_path)}")
 
@@ -169,7 +172,7 @@ def serve_command(url, concurrency, requests, duration, route, api_key, image_fr
     report = run_serve_bench(ServeOptions(url, concurrency, requests, duration, route, api_key, image_fraction, warmup,
                                           timeout))
     click.echo(format_serve_table(report))
-    write_json(report, json_path)
+    save_report(report, json_path)
 
 
 @bench_group.command("serve-matrix", context_settings=CONTEXT)
@@ -199,7 +202,7 @@ def serve_matrix_command(model, index, backend, threads, concurrency, requests, 
                                              image_fraction, log_path)):
         click.echo(f"batching {'on' if report['batching'] else 'off'}: " + format_serve_table(report))
         reports.append(report)
-    write_json(reports, json_path)
+    save_report(reports, json_path)
 
 
 # ---- bench index ----------------------------------------------------------------------------------
@@ -223,7 +226,7 @@ def index_command(n, dim, queries, k, single, index_dir, json_path):
     with tempfile.TemporaryDirectory(prefix="mimic-bench-index-") as tmp:
         report = bench_index(index_dir or os.path.join(tmp, "index"), opts)
     click.echo(json.dumps(report, indent=2))
-    write_json(report, json_path)
+    save_report(report, json_path)
 
 
 # ---- bench gpu ------------------------------------------------------------------------------------
@@ -267,9 +270,6 @@ def gpu_command(preset, batches, text_tokens, iters, warmup, compile_, profile, 
     report = run_gpu_bench(opts, show=click.echo)
     click.echo()
     click.echo(format_gpu_table(report["rows"], report["title"]))
-    if json_path:
-        from .report import write_json as write
-
-        write(report, json_path)  # silent: the table stays the last thing printed
+    save_report(report, json_path, announce=False)  # the table stays the last thing printed
     if any(r.get("error") for r in report["rows"]):
         sys.exit(1)
