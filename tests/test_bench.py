@@ -309,7 +309,7 @@ def test_serve_connection_errors_are_counted(stand_in_server):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    lv = run_level(f"http://127.0.0.1:{port}/v1/search", [{"query": {"text": "x"}}], 2, 5, 30, {})
+    lv = run_level(f"http://127.0.0.1:{port}/v1/search", [{"query": {"text": "x"}}], 2, 5, 30, {}, timeout_s=5)
     assert lv["sent"] == 5 and lv["ok"] == 0 and list(lv["errors"]) == ["exception:ConnectError"]
 
 

@@ -40,6 +40,7 @@ SCHEMA = "mimic-engine-bench-serve/1"
 ROUTES = {"search": "/v1/search", "embed": "/v1/embed"}
 MAX_REQUESTS = 100_000
 MAX_CONCURRENCY = 256
+DEFAULT_CONCURRENCY = (1, 16)
 
 TEXT_QUERIES = (
     "what colour is the bus parked outside the museum", "a black cat sitting on a window sill",
@@ -69,7 +70,7 @@ def check_loopback(url: str) -> str:
     return url.rstrip("/")
 
 
-def make_payloads(route: str, n: int = 64, image_fraction: float = 0.3, seed: int = 0, k: int = 10) -> list[dict]:
+def make_payloads(route: str, image_fraction: float, seed: int, n: int = 64, k: int = 10) -> list[dict]:
     """n request bodies for `route` ("search" or "embed"), a share `image_fraction` with an image."""
     rng = np.random.default_rng(seed)
     n_img = int(round(image_fraction * n))
@@ -88,7 +89,7 @@ def make_payloads(route: str, n: int = 64, image_fraction: float = 0.3, seed: in
 
 
 def run_level(url: str, payloads: list[dict], concurrency: int, requests: int, duration_s: float,
-              headers: dict, timeout_s: float = 30.0) -> dict:
+              headers: dict, timeout_s: float) -> dict:
     """Send up to `requests` POSTs to `url` from `concurrency` threads within `duration_s` seconds.
 
     -> {"concurrency", "sent", "ok", "status_counts": {status|"exception:Name": n}, "errors": {...non-2xx...},
@@ -166,7 +167,7 @@ class ServeOptions:
     """`bench serve`: one load test of a running server, with its defaults."""
 
     url: str
-    concurrency: list = field(default_factory=lambda: [1, 16])  # concurrent clients, one level each
+    concurrency: list = field(default_factory=lambda: list(DEFAULT_CONCURRENCY))  # concurrent clients per level
     requests: int = 200  # per level, at most
     duration_s: float = 60.0  # per level, at most
     route: str = "search"
@@ -185,10 +186,10 @@ class MatrixOptions:
     index: str
     backend: str = "torch"
     threads: int | None = None
-    concurrency: list = field(default_factory=lambda: [1, 16])
+    concurrency: list = field(default_factory=lambda: list(DEFAULT_CONCURRENCY))
     requests: int = 300
     duration_s: float = 120.0
-    image_fraction: float = 0.3
+    image_fraction: float = ServeOptions.image_fraction
     log_path: str = "bench-serve-matrix.log"  # the servers' output
 
 
