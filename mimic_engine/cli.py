@@ -17,7 +17,7 @@ COMMANDS = {
     "serve": "mimic_engine.server.cli:serve_command",
     "index": "mimic_engine.index.cli:index_group",
     "search": "mimic_engine.server.cli:search_command",
-    "bench": "mimic_engine.bench:bench_group",
+    "bench": "mimic_engine.bench.cli:bench_group",
 }
 
 
