@@ -46,7 +46,7 @@ def workload(preprocessor, batch_size: int, seed: int = 0):
 
 def compare(export_dir: str, checkpoint: str | None = None, batches=(1, 64), repeats: int = 15,
             variants=("fp32", "optimized", "int8", "fp16"), threads: int = 1, log=print) -> list[dict]:
-    from mimic_engine.export.artifacts import read_manifest
+    from mimic_engine.runtime.export_format import read_manifest
     from mimic_engine.runtime.onnx_backend import OnnxBackend
     from mimic_engine.runtime.torch_backend import TorchBackend
 
