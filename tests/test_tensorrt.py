@@ -1,6 +1,7 @@
 """TensorRT: the plain-Python parts everywhere (profiles, sidecars, compatibility, cache keys);
 engine building and the backend only where `import tensorrt` works and a GPU is visible."""
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -297,3 +298,15 @@ def test_build_engine_uses_the_tensorrt10_api_and_writes_sidecar_and_cache(tmp_p
                                 log=lambda *_: None)
     assert ("timing_cache_in", b"timing-cache") in _FakeTensorRT.calls
     assert not any(c[0] == "clear_flag" for c in _FakeTensorRT.calls)  # fp16: the graph's types decide
+
+
+def test_a_sidecar_of_a_format_1_export_is_read_with_its_checkpoint_sha256_as_the_model_id(tmp_path):
+    engine = str(tmp_path / "fusion.plan")
+    write_sidecar(engine, make_sidecar())
+    path = engine + ".json"
+    data = json.load(open(path))
+    data["checkpoint_sha256"] = data.pop("model_id")  # how format-1 exports wrote it
+    json.dump(data, open(path, "w"))
+    side = read_sidecar(engine)
+    assert side.model_id == SHA
+    check_compatible(side, SHA, "10.8.0.43", "NVIDIA H100 80GB HBM3", "9.0")
