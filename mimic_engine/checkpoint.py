@@ -89,9 +89,26 @@ def model_content_id(config: dict, state_dict: dict, tokenizer: dict) -> str:
         h.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode() + b"\0")
         h.update(tensor.reshape(-1).view(torch.uint8).numpy())  # raw bytes, no copy
     for name in sorted(tokenizer):
-        h.update(json.dumps([name, len(tokenizer[name])]).encode() + b"\0")
-        h.update(tokenizer[name])
+        data = _tokenizer_file_content(name, tokenizer[name])
+        h.update(json.dumps([name, len(data)]).encode() + b"\0")
+        h.update(data)
     return h.hexdigest()
+
+
+def _tokenizer_file_content(name: str, data: bytes) -> bytes:
+    """The bytes of a tokenizer file that define the tokenizer. A fast tokenizer writes the
+    truncation and padding of its last call into tokenizer.json: call state, not the model (the
+    preprocessor passes its own on every call), so they are left out."""
+    if name != "tokenizer.json":
+        return data
+    try:
+        spec = json.loads(data)
+    except ValueError:
+        return data
+    if not isinstance(spec, dict):
+        return data
+    spec = {**spec, "truncation": None, "padding": None}
+    return json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def payload_model_id(payload: dict, path: str = "checkpoint") -> str:

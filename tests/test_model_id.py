@@ -54,6 +54,14 @@ def test_the_id_changes_with_one_weight_the_config_or_the_tokenizer(ckpt):
     assert model_content_id(config, payload["state_dict"], payload["tokenizer"]) != base
     tokenizer = {**payload["tokenizer"], "extra.txt": b""}
     assert model_content_id(payload["config"], payload["state_dict"], tokenizer) != base
+    # the truncation / padding of the fast tokenizer's last call is state, not the model
+    spec = json.loads(payload["tokenizer"]["tokenizer.json"])
+    called = {**spec, "truncation": {"max_length": 7, "strategy": "LongestFirst", "stride": 0, "direction": "Right"}}
+    tokenizer = {**payload["tokenizer"], "tokenizer.json": json.dumps(called).encode()}
+    assert model_content_id(payload["config"], payload["state_dict"], tokenizer) == base
+    vocab = {**spec, "model": {**spec["model"], "unk_token": "[NOPE]"}}
+    tokenizer = {**payload["tokenizer"], "tokenizer.json": json.dumps(vocab).encode()}
+    assert model_content_id(payload["config"], payload["state_dict"], tokenizer) != base
 
 
 def test_a_changed_weight_under_the_old_id_is_refused_and_an_old_checkpoint_gets_its_id(ckpt, tmp_path):
