@@ -41,15 +41,17 @@ def build_index(encoder, dataset, index, batch_size: int = 64, progress: bool = 
     """Encode every document of `dataset` (a RetrievalDataset) that `index` does not hold yet and upsert it.
 
     encoder: anything with .encode(items, role, batch_size) -> (N, dim) and .model_id / .dim
-    (MimicEncoder); an index recorded under one of its `legacy_model_ids` is its own too. Documents are written `chunk` at a time (one transaction each); an image
-    document's caption is kept with probability `caption_keep` (deterministic per id, see
-    data.types.caption_kept). -> the number of documents added.
+    (MimicEncoder); an index recorded under one of its `legacy_model_ids` is its own too.
+    Documents are written `chunk` at a time (one transaction each); an image document's caption
+    is kept with probability `caption_keep` (deterministic per id, see data.types.caption_kept).
+    -> the number of documents added.
     """
     from tqdm import tqdm
 
     from ..data.types import caption_kept
 
-    if index.model_id not in (encoder.model_id, *getattr(encoder, "legacy_model_ids", ())) or encoder.dim != index.dim:
+    own_ids = (encoder.model_id, *getattr(encoder, "legacy_model_ids", ()))
+    if index.model_id not in own_ids or encoder.dim != index.dim:
         raise IndexMismatchError(f"the encoder is model {encoder.model_id!r} (dim {encoder.dim}) but index {index.path} "
                                  f"is for {index.model_id!r} (dim {index.dim}); open the index with the encoder's model_id")
     if not 0.0 <= caption_keep <= 1.0:
