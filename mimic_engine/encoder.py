@@ -14,12 +14,14 @@ from .preprocess import Item, Preprocessor, load_tokenizer
 
 
 class MimicEncoder:
-    def __init__(self, model, tokenizer, device: str | torch.device = "cpu", model_id: str | None = None):
+    def __init__(self, model, tokenizer, device: str | torch.device = "cpu", model_id: str | None = None,
+                 legacy_model_ids: tuple = ()):
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.preprocessor = Preprocessor(model.config, tokenizer)
         self.model_id = model_id or f"random:{model.config.preset or 'custom'}:{model.config.fusion.fusion}"
+        self.legacy_model_ids = tuple(legacy_model_ids)  # older ids indexes may hold (the checkpoint file's sha256)
 
     @property
     def config(self) -> MimicConfig:
@@ -34,7 +36,7 @@ class MimicEncoder:
         from .checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(path, device)
-        return cls(ckpt.model, ckpt.tokenizer, device, model_id=ckpt.sha256)
+        return cls(ckpt.model, ckpt.tokenizer, device, model_id=ckpt.model_id, legacy_model_ids=ckpt.legacy_ids)
 
     @classmethod
     def from_config(cls, config: MimicConfig, device: str | torch.device = "cpu", seed: int = 0) -> "MimicEncoder":

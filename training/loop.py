@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from mimic_engine.checkpoint import read_checkpoint, save_checkpoint
+from mimic_engine.checkpoint import save_checkpoint, update_checkpoint_meta
 from mimic_engine.config import preset
 from mimic_engine.encoder import MimicEncoder
 from mimic_engine.errors import CheckpointError, ConfigError
@@ -343,9 +343,5 @@ def final_report(ckpt_path: str, opts: TrainOptions, dataset=None) -> dict:
             report[split] = evaluate(encoder, dataset, split, caption_keep=tuple(opts.final_caption_keep),
                                      seed=opts.seed, batch_size=opts.eval_batch_size)
     report["diagnostics"] = diagnostics(encoder, dataset, seed=opts.seed)
-    payload = read_checkpoint(ckpt_path)
-    payload["meta"]["final_metrics"] = {s: report[s]["results"] for s in ("dev", "test") if s in report}
-    tmp = ckpt_path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, ckpt_path)
+    update_checkpoint_meta(ckpt_path, {"final_metrics": {s: report[s]["results"] for s in ("dev", "test") if s in report}})
     return report

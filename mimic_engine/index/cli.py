@@ -40,15 +40,17 @@ def build_index(encoder, dataset, index, batch_size: int = 64, progress: bool = 
     """Encode every document of `dataset` (a RetrievalDataset) that `index` does not hold yet and upsert it.
 
     encoder: anything with .encode(items, role, batch_size) -> (N, dim) and .model_id / .dim
-    (MimicEncoder). Documents are written `chunk` at a time (one transaction each); an image
-    document's caption is kept with probability `caption_keep` (deterministic per id, see
-    data.types.caption_kept). -> the number of documents added.
+    (MimicEncoder); an index recorded under one of its `legacy_model_ids` is its own too.
+    Documents are written `chunk` at a time (one transaction each); an image document's caption
+    is kept with probability `caption_keep` (deterministic per id, see data.types.caption_kept).
+    -> the number of documents added.
     """
     from tqdm import tqdm
 
     from ..data.types import caption_kept
 
-    if encoder.model_id != index.model_id or encoder.dim != index.dim:
+    own_ids = (encoder.model_id, *getattr(encoder, "legacy_model_ids", ()))
+    if index.model_id not in own_ids or encoder.dim != index.dim:
         raise IndexMismatchError(f"the encoder is model {encoder.model_id!r} (dim {encoder.dim}) but index {index.path} "
                                  f"is for {index.model_id!r} (dim {index.dim}); open the index with the encoder's model_id")
     if not 0.0 <= caption_keep <= 1.0:
@@ -102,7 +104,8 @@ def build_command(model_path, data_kind, data_dir, index_dir, batch_size, captio
     encoder = MimicEncoder.from_checkpoint(model_path, device=device)
     dataset = load_dataset(data_kind, data_dir)
     t0 = time.perf_counter()
-    with DocumentIndex(index_dir, dim=encoder.dim, model_id=encoder.model_id, M=M, ef_construction=ef_construction) as index:
+    with DocumentIndex(index_dir, dim=encoder.dim, model_id=encoder.model_id, M=M, ef_construction=ef_construction,
+                       legacy_model_ids=encoder.legacy_model_ids) as index:
         before = index.count()
         added = build_index(encoder, dataset, index, batch_size=batch_size, caption_keep=caption_keep, source=data_kind)
         seconds = time.perf_counter() - t0

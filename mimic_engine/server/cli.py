@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 
 import click
@@ -67,6 +68,15 @@ def ensure_demo_model() -> str:
     return str(ckpt)
 
 
+def default_index_path(root, backend) -> str:
+    """`root/<first 16 hex of the model id>`; an existing folder named after a legacy id of the
+    same model (indexes made before model ids hashed the content) is used instead of a new one."""
+    for model_id in (backend.model_id, *backend.legacy_model_ids):
+        if os.path.isdir(os.path.join(root, model_id[:16])):
+            return os.path.join(root, model_id[:16])
+    return os.path.join(root, backend.model_id[:16])
+
+
 def open_backend_and_index(settings: ServerSettings, progress: bool = True):
     """-> (backend, index). No --model: the demo model; no --index: the demo index for the demo model
     (filled from the demo corpus when empty), else `<home>/indexes/<model id>`."""
@@ -81,10 +91,11 @@ def open_backend_and_index(settings: ServerSettings, progress: bool = True):
         click.echo(f"backend: {backend.name} ({backend.selection_reason})", err=True)
     path = settings.index
     if path is None:
-        path = str(demo_paths()[1] if demo else default_home() / "indexes" / backend.model_id[:16])
+        path = str(demo_paths()[1] if demo else default_index_path(default_home() / "indexes", backend))
     try:
         index = DocumentIndex(path, backend.dim, backend.model_id, M=settings.hnsw_m,
-                              ef_construction=settings.hnsw_ef_construction, ef=settings.hnsw_ef)
+                              ef_construction=settings.hnsw_ef_construction, ef=settings.hnsw_ef,
+                              legacy_model_ids=backend.legacy_model_ids)
     except BaseException:
         backend.close()
         raise
