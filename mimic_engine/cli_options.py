@@ -60,7 +60,7 @@ class CommaList(click.ParamType):
             self.fail(f"{value!r} is empty; write a comma-separated list of {self.what}, e.g. {self.example}", param, ctx)
         bad = [v for v in values if (self.low is not None and v < self.low) or (self.high is not None and v > self.high)]
         if bad:
-            bounds = f"[{self.low}, {self.high}]" if self.high is not None else f">= {self.low}"
+            bounds = f"in [{self.low:g}, {self.high:g}]" if self.high is not None else f">= {self.low:g}"
             self.fail(f"{value!r}: {bad} out of range; every value must be {bounds}, e.g. {self.example}", param, ctx)
         return values
 
