@@ -69,6 +69,9 @@ class Range:
         return [self.min, self.opt, self.max]
 
 
+DEFAULT_BATCH = Range("batch", 1, 16, 64)  # items per batch of the exported graphs (TensorRT profile)
+
+
 @dataclass
 class ShapeRanges:
     """The dynamic dimensions of both graphs. `images` (vision batch) is derived, not an option."""
@@ -85,7 +88,7 @@ class ShapeRanges:
         max_images_per_item images per item (V counts visual tokens, P per image)."""
         p = config.visual_tokens_per_image
         max_len = config.text.max_length
-        batch = batch or Range("batch", 1, 16, 64)
+        batch = batch or DEFAULT_BATCH
         text_len = text_len or Range("text_len", 1, max(1, max_len // 2), max_len)
         visual_tokens = visual_tokens or Range("visual_tokens", 1, p, config.vision.max_images_per_item * p)
         return cls.build(config, batch, text_len, visual_tokens)

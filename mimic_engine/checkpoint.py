@@ -165,7 +165,7 @@ def file_sha256(path: str) -> str:
 def read_checkpoint(path: str) -> dict:
     """The raw payload, validated. Errors say what the file is and what to do."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist; train one with `python training/train.py` "
+        raise CheckpointError(f"checkpoint {path!r} does not exist; train one with `mimic-engine train` "
                               "or pass the path of a ckpt.pt")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)

@@ -84,7 +84,7 @@ def test_an_index_built_with_the_file_sha256_still_opens_with_that_checkpoint(ck
     pytest.importorskip("hnswlib")
     from mimic_engine.index import DocumentIndex, IndexMismatchError, StoredDocument, build_index
     from mimic_engine.runtime import load_backend
-    from mimic_engine.server.cli import default_index_path
+    from mimic_engine.server.bootstrap import default_index_path
     from tests.test_index_build import small_dataset
 
     legacy_id = file_sha256(ckpt)  # what an index recorded before model ids hashed the content

@@ -1,10 +1,4 @@
-"""`mimic-engine index build|stats`: bulk ingestion of a dataset into an index folder, and its stats.
-
-Bulk building skips HTTP entirely: documents are encoded in batches and written in large upsert
-transactions (one SQLite commit and one hnswlib add_items per `chunk` documents). It is
-resumable: documents already in the index (same model: the index refuses another one) are
-skipped, so an interrupted build continues where its last committed chunk ended.
-"""
+"""`mimic-engine index build|stats`: bulk ingestion of a dataset into an index folder (see build.py), and its stats."""
 from __future__ import annotations
 
 import json
@@ -13,68 +7,10 @@ import time
 import click
 import numpy as np
 
-from ..errors import InputError
-from .store import IndexMismatchError, StoredDocument
-
-DATA_KINDS = ["demo", "webqa", "evqa", "jsonl"]
-
-
-def stored_document(doc, source: str, keep_caption: bool) -> StoredDocument:
-    """A dataset `Document` as the index stores it. An image's caption is stored only when it was
-    encoded (at caption-keep < 1 some are dropped, and the index must show what it indexed)."""
-    meta = dict(doc.metadata)
-    if doc.title:
-        meta["title"] = doc.title
-    if doc.modality == "text":
-        return StoredDocument(doc.id, "text", text=doc.text, metadata=meta)
-    if len(doc.image_ids) > 1:
-        meta["image_refs"] = [f"dataset:{source}:{i}" for i in doc.image_ids]
-    if not keep_caption and doc.text:
-        meta["caption_dropped"] = True
-    image_ref = f"dataset:{source}:{doc.image_ids[0]}" if doc.image_ids else None
-    return StoredDocument(doc.id, "image", caption=doc.text if keep_caption else None, image_ref=image_ref, metadata=meta)
-
-
-def build_index(encoder, dataset, index, batch_size: int = 64, progress: bool = True, caption_keep: float = 1.0,
-                chunk: int = 1024, source: str | None = None, seed: int = 0) -> int:
-    """Encode every document of `dataset` (a RetrievalDataset) that `index` does not hold yet and upsert it.
-
-    encoder: anything with .encode(items, role, batch_size) -> (N, dim) and .model_id / .dim
-    (MimicEncoder); an index recorded under one of its `legacy_model_ids` is its own too.
-    Documents are written `chunk` at a time (one transaction each); an image document's caption
-    is kept with probability `caption_keep` (deterministic per id, see data.types.caption_kept).
-    -> the number of documents added.
-    """
-    from tqdm import tqdm
-
-    from ..data.types import caption_kept
-
-    own_ids = (encoder.model_id, *getattr(encoder, "legacy_model_ids", ()))
-    if index.model_id not in own_ids or encoder.dim != index.dim:
-        raise IndexMismatchError(f"the encoder is model {encoder.model_id!r} (dim {encoder.dim}) but index {index.path} "
-                                 f"is for {index.model_id!r} (dim {index.dim}); open the index with the encoder's model_id")
-    if not 0.0 <= caption_keep <= 1.0:
-        raise InputError(f"caption_keep={caption_keep}: must be in [0, 1] (1.0 keeps every caption)")
-    source = source or dataset.name
-    docs = dataset.documents
-    added = 0
-    with tqdm(total=len(docs), disable=not progress, unit="doc", desc=f"indexing {dataset.name}", smoothing=0.05) as bar:
-        for start in range(0, len(docs), chunk):
-            part = docs[start : start + chunk]
-            have = index.existing_ids([d.id for d in part])
-            todo = [d for d in part if d.id not in have]
-            bar.update(len(part) - len(todo))
-            if not todo:
-                continue
-            keep = [caption_kept(d.id, caption_keep, seed) for d in todo]
-            vectors = []
-            for b in range(0, len(todo), batch_size):  # encode in steps so the bar moves per batch
-                items = [d.to_item(dataset.images, k) for d, k in zip(todo[b : b + batch_size], keep[b : b + batch_size])]
-                vectors.append(encoder.encode(items, role="document", batch_size=batch_size))
-                bar.update(len(items))
-            index.upsert([stored_document(d, source, k) for d, k in zip(todo, keep)], np.concatenate(vectors))
-            added += len(todo)
-    return added
+from ..cli_options import CAPTION_KEEP_RATE, data_options, device_option
+from .build import build_index
+from .document_index import DEFAULTS as HNSW_DEFAULTS
+from .store import StoredDocument
 
 
 @click.group("index", context_settings={"help_option_names": ["-h", "--help"]})
@@ -85,16 +21,17 @@ def index_group():
 @index_group.command("build")
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Checkpoint (ckpt.pt) whose encoder embeds the documents.")
-@click.option("--data", "data_kind", required=True, type=click.Choice(DATA_KINDS), help="Dataset format.")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Dataset folder (demo: optional).")
+@data_options()
 @click.option("--index", "index_dir", required=True, type=click.Path(file_okay=False),
               help="Index folder (created if missing; an interrupted build resumes in it).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Documents per encoder batch.")
-@click.option("--caption-keep", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True,
+@click.option("--caption-keep", type=CAPTION_KEEP_RATE, default=1.0, show_default=True,
               help="Fraction of image captions kept (deterministic per document id), as in WebQA+/EVQA+.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--m", "M", type=click.IntRange(min=2), default=None, help="HNSW links per node for a new index [32].")
-@click.option("--ef-construction", type=click.IntRange(min=1), default=None, help="HNSW build breadth for a new index [200].")
+@device_option()
+@click.option("--m", "M", type=click.IntRange(min=2), default=None, show_default=str(HNSW_DEFAULTS["M"]),
+              help="HNSW links per node for a new index.")
+@click.option("--ef-construction", type=click.IntRange(min=1), default=None,
+              show_default=str(HNSW_DEFAULTS["ef_construction"]), help="HNSW build breadth for a new index.")
 def build_command(model_path, data_kind, data_dir, index_dir, batch_size, caption_keep, device, M, ef_construction):
     """Encode a dataset's corpus into an index folder (much faster than upserting over HTTP)."""
     from ..data import load_dataset

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 
+from ..device import resolve_device
 from ..errors import CheckpointError, ConfigError
 from .base import Backend
 
@@ -64,16 +65,6 @@ def load_backend(name: str, model: str, device: str = "cpu", threads: int | None
         log.info("backend auto: chose %s because %s", candidate, why)
         return backend
     raise ConfigError(f"no backend could load {model!r} on {device}: " + "; ".join(errors))
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
-        raise ConfigError(f"device {device!r} is not supported; use 'cpu', 'cuda', 'cuda:N' or 'auto'")
-    return device
 
 
 def auto_candidates(model: str, device: str) -> list[tuple[str, str]]:
