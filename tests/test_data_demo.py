@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from mimic_engine.data import default_demo_dir, default_home, load_dataset
+from mimic_engine.data import cli as demo_cli
 from mimic_engine.data import demo
 from mimic_engine.data.webqa import read_webqa
 from mimic_engine.errors import DataError
@@ -250,7 +251,7 @@ def test_cli_command(built, tmp_path):
     shutil.copytree(built, out)
     info = json.loads((out / "demo_info.json").read_text())
     (out / "demo_info.json").write_text(json.dumps({**info, "version": 1}))
-    res = CliRunner().invoke(demo.demo_command, ["--out", str(out)])  # an earlier version: rebuilt without --force
+    res = CliRunner().invoke(demo_cli.demo_command, ["--out", str(out)])  # an earlier version: rebuilt without --force
     assert res.exit_code == 0, res.output
     assert "built" in res.output and "version 2" in res.output and hashes(out) == hashes(built)
     assert "1797 images" in res.output and "4 ink colours" in res.output and "1000 text facts" in res.output
@@ -258,7 +259,7 @@ def test_cli_command(built, tmp_path):
     assert next(ln for ln in lines if ln.startswith("split")).split()[1:5] == list(demo.KINDS)
     assert [ln.split()[1:5] for ln in lines if ln.startswith(("train", "dev ", "test"))] == [
         ["320", "320", "320", "600"], ["160", "80", "80", "200"], ["160", "80", "80", "200"]]
-    res = CliRunner().invoke(demo.demo_command, ["--out", str(out)])
+    res = CliRunner().invoke(demo_cli.demo_command, ["--out", str(out)])
     assert res.exit_code == 0 and "already present" in res.output and "--force" in res.output
-    res = CliRunner().invoke(demo.demo_command, ["--out", str(out), "--force"])
+    res = CliRunner().invoke(demo_cli.demo_command, ["--out", str(out), "--force"])
     assert res.exit_code == 0 and "built" in res.output and hashes(out) == hashes(built)

@@ -308,7 +308,7 @@ def fake_loader(monkeypatch, dataset):
 def test_eval_command(tmp_path, checkpoint, fake_loader):
     from click.testing import CliRunner
 
-    from mimic_engine.evaluate import eval_command
+    from mimic_engine.eval_cli import eval_command
 
     out = tmp_path / "res.json"
     res = CliRunner().invoke(eval_command, [checkpoint, "--data", "jsonl", "--data-dir", str(tmp_path),
@@ -333,7 +333,7 @@ def test_eval_command(tmp_path, checkpoint, fake_loader):
 def test_eval_command_bad_caption_keep(checkpoint, fake_loader, bad):
     from click.testing import CliRunner
 
-    from mimic_engine.evaluate import eval_command
+    from mimic_engine.eval_cli import eval_command
 
     res = CliRunner().invoke(eval_command, [checkpoint, "--data", "demo", "--caption-keep", bad])
     assert res.exit_code == 2

@@ -140,8 +140,9 @@ def test_kernels_import_neither_runtime_nor_benchmarks():
 
 
 def is_cli(module: str) -> bool:
-    """A command-line module: a `cli` module, or the options shared by the command lines."""
-    return module.rpartition(".")[2] in ("cli", "cli_options")
+    """A command-line module: `cli`, `<area>_cli`, or the options shared by the command lines."""
+    name = module.rpartition(".")[2]
+    return name.endswith("cli") or name == "cli_options"
 
 
 def test_only_command_lines_import_cli_modules():

@@ -56,10 +56,8 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
-import click
 import numpy as np
 
 from ..errors import DataError
@@ -436,7 +434,7 @@ def build_demo_corpus(out_dir: str | Path, seed: int = 0, force: bool = False) -
     return info
 
 
-def _older_version(info: dict) -> bool:
+def older_version(info: dict) -> bool:
     """Was this corpus built by an earlier mimic-engine (a cache to rebuild, never to reuse)?"""
     version = info.get("version")
     return isinstance(version, int) and version < FORMAT_VERSION
@@ -446,7 +444,7 @@ def ensure_demo_corpus(out_dir: str | Path, seed: int = 0) -> dict:
     """The demo corpus in `out_dir`, built first if missing or of an earlier version -> its info record."""
     out = Path(out_dir)
     info = demo_info(out)
-    stale = info is not None and _older_version(info)
+    stale = info is not None and older_version(info)
     if info is None or stale:
         if stale:
             log.warning("%s holds demo corpus version %s; rebuilding it as version %d with seed %d",
@@ -464,7 +462,7 @@ def ensure_demo_corpus(out_dir: str | Path, seed: int = 0) -> dict:
     return info
 
 
-def _summary(dataset, info: dict, folder: Path, seconds: float, built: bool) -> str:
+def summary(dataset, info: dict, folder: Path, seconds: float, built: bool) -> str:
     from collections import Counter
 
     mods = Counter(d.modality for d in dataset.documents)
@@ -480,24 +478,3 @@ def _summary(dataset, info: dict, folder: Path, seconds: float, built: bool) -> 
         mean = sum(len(q.positives) for q in img) / max(1, len(img))
         lines.append(f"{split:<6}" + "".join(f"{per_kind[kind]:>13}" for kind in KINDS) + f"{mean:>23.1f}")
     return "\n".join(lines)
-
-
-@click.command("demo")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Folder to build in (default: $MIMIC_HOME/demo, or ~/.cache/mimic-engine/demo).")
-@click.option("--force", is_flag=True, help="Rebuild even if the folder already holds the demo corpus.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for captions, splits and phrasings.")
-def demo_command(out, force, seed):
-    """Build the demo corpus (coloured handwritten-digit scans + number facts, WebQA format) and print a summary."""
-    from . import default_demo_dir
-    from .webqa import read_webqa
-
-    folder = Path(out) if out else default_demo_dir()
-    t0 = time.perf_counter()
-    info = demo_info(folder)
-    built = force or info is None or _older_version(info)  # an earlier version's corpus is rebuilt
-    info = build_demo_corpus(folder, seed, force=info is not None) if built else ensure_demo_corpus(folder, seed)
-    dataset = read_webqa(folder, strict=True, name="demo")  # the demo exercises the WebQA reader
-    click.echo(_summary(dataset, info, folder, time.perf_counter() - t0, built))
-    if not built:
-        click.echo("(pass --force to rebuild)")

@@ -5,12 +5,10 @@ import json
 import time
 
 import click
-import numpy as np
 
 from ..cli_options import CAPTION_KEEP_RATE, data_options, device_option
 from .build import build_index
 from .document_index import DEFAULTS as HNSW_DEFAULTS
-from .store import StoredDocument
 
 
 @click.group("index", context_settings={"help_option_names": ["-h", "--help"]})
