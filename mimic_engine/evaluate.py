@@ -28,6 +28,7 @@ from .preprocess import Item
 
 DEFAULT_KEEP_RATES = (1.0, 0.5, 0.0)
 MODALITIES = ("image", "text")
+KIND_GROUP_PREFIX = "kind:"  # results[rate]["kind:conjunctive"]: the queries of that kind
 ENCODE_CHUNK = 1024  # items built (images read) at a time: the image store is never loaded whole
 
 
@@ -79,9 +80,15 @@ def evaluate(encoder, dataset: RetrievalDataset, split: str = "dev", caption_kee
 
     Returns (metrics x100 at full precision; None for a modality with no query):
         {"split", "n_queries", "n_documents", "seed",
-         "results": {format_rate(rate): {"all": {metric: float}, "image": {...}, "text": {...}}}}
-    plus "n_queries_by_modality": {"image": int, "text": int}. Queries whose positives mix
-    modalities count in "all" and, when any exist, in an extra "mixed" group.
+         "results": {format_rate(rate): {"all": {metric: float}, "image": {...}, "text": {...},
+                                         "kind:<kind>": {...} for each query kind present}},
+         "n_queries_by_modality": {"image": int, "text": int},
+         "n_queries_by_kind": {"<kind>": int}}
+    Groups by positive modality: queries whose positives mix modalities count in "all" and, when
+    any exist, in an extra "mixed" group. Groups by kind (`Query.kind`, e.g. the demo's
+    "conjunctive", "pixel-only", "caption-only", "text"): one "kind:<kind>" group per kind present,
+    in sorted order; queries without a kind count in "all" only; {} / no such group when the data
+    records no kinds. Every group maps to the same {metric: float} shape.
 
     Each document is encoded at most twice whatever the rates: text documents and caption-less
     image documents once; an image document with a caption once with it (if some rate keeps it)
@@ -119,8 +126,14 @@ def evaluate(encoder, dataset: RetrievalDataset, split: str = "dev", caption_kee
     q_vecs = _encode(encoder, (q.to_item(dataset.images) for q in queries), len(queries), "query", batch_size)
     qrels = {q.id: {d: 1 for d in q.positives} for q in queries}
     groups: dict[str, list[str]] = {m: [] for m in MODALITIES}
+    kinds: dict[str, list[str]] = {}
     for q in queries:
         groups.setdefault(dataset.positive_modality(q), []).append(q.id)
+        if q.kind is not None:
+            kinds.setdefault(q.kind, []).append(q.id)
+    kinds = {k: kinds[k] for k in sorted(kinds)}
+    n_by_modality = {name: len(qids) for name, qids in groups.items()}
+    groups.update({KIND_GROUP_PREFIX + k: qids for k, qids in kinds.items()})
 
     # ---- per rate: assemble the corpus matrix, search, score ------------------------------------
     results = {}
@@ -149,7 +162,8 @@ def evaluate(encoder, dataset: RetrievalDataset, split: str = "dev", caption_kee
         "n_documents": len(docs),
         "seed": seed,
         "results": results,
-        "n_queries_by_modality": {name: len(qids) for name, qids in groups.items()},
+        "n_queries_by_modality": n_by_modality,
+        "n_queries_by_kind": {k: len(qids) for k, qids in kinds.items()},
     }
 
 
@@ -178,6 +192,17 @@ def diagnostics(encoder, dataset: RetrievalDataset, max_items: int = 500, seed: 
         image_swap_shift      = mean_i dist(full_i, swap_i)
         collapse_ratio        = caption_removal_shift / max(image_swap_shift, 1e-6)
         A model that ignores pixels barely moves when the image is swapped: a high ratio is collapse.
+        The swapped-in image is a random document's, so it usually contradicts the caption (a "3"
+        under "a seven from Anna's notebook"); a model can react to that contradiction and still
+        ignore every pixel the caption does not describe. Hence also:
+        same_caption_image_swap_shift = mean over pairs (a, b) of different documents of the
+                                 corpus with one and the same caption c (and different image bytes)
+                                 of dist(enc(I_a + c), enc(I_b + c)); both images fit the caption.
+                                 Zero: the image is ignored when a caption is present (the images
+                                 differ only in what the caption does not say, e.g. the demo's ink
+                                 colour). Pairs: consecutive documents of each caption's group, up to
+                                 max(1, max_items // 2), seeded; `same_caption_pairs` = how many were
+                                 measured, and the shift is None when no two images share a caption.
 
     (b) semantic misalignment, with text_i = enc(c_i) (the caption as a text item) and bare_i:
         matched_cosine   = mean_i cos(text_i, bare_i)
@@ -212,6 +237,9 @@ def diagnostics(encoder, dataset: RetrievalDataset, max_items: int = 500, seed: 
     def dist(a, b):
         return float(np.mean(1.0 - np.sum(vec[a] * vec[b], axis=1)))
 
+    same_caption_shift, n_pairs = _same_caption_shift(encoder, eligible, images, rng, max(1, max_items // 2),
+                                                      batch_size)
+
     removal, swapped = dist("full", "bare"), dist("full", "swap")
     sims = vec["text"] @ vec["bare"].T  # (n, n): caption i vs image j
     matched = float(np.mean(np.diag(sims)))
@@ -223,6 +251,8 @@ def diagnostics(encoder, dataset: RetrievalDataset, max_items: int = 500, seed: 
             "caption_removal_shift": removal,
             "image_swap_shift": swapped,
             "collapse_ratio": removal / max(swapped, 1e-6),
+            "same_caption_image_swap_shift": same_caption_shift,
+            "same_caption_pairs": n_pairs,
         },
         "semantic_alignment": {
             "matched_cosine": matched,
@@ -233,26 +263,57 @@ def diagnostics(encoder, dataset: RetrievalDataset, max_items: int = 500, seed: 
     }
 
 
+def _same_caption_shift(encoder, eligible: list[Document], images, rng, max_pairs: int,
+                        batch_size: int) -> tuple[float | None, int]:
+    """-> (mean dist(enc(I_a + c), enc(I_b + c)) over pairs of documents sharing caption c, or None
+    when there is no pair; number of pairs). Documents are encoded as given (their caption is c)."""
+    by_caption: dict[str, list[Document]] = {}
+    for d in eligible:
+        by_caption.setdefault(d.text.strip(), []).append(d)
+    pairs = [(a, b) for group in by_caption.values() for a, b in zip(group, group[1:])]
+    if len(pairs) > max_pairs:
+        pairs = [pairs[i] for i in np.sort(rng.choice(len(pairs), size=max_pairs, replace=False))]
+    items = {d.id: d.to_item(images, keep_caption=True) for pair in pairs for d in pair}
+    pairs = [(a.id, b.id) for a, b in pairs if items[a.id].images != items[b.id].images]  # same bytes: not two images
+    if not pairs:
+        return None, 0
+    used = list(dict.fromkeys(i for pair in pairs for i in pair))
+    vec = _unit(_encode(encoder, [items[i] for i in used], len(used), "document", batch_size))  # (M, E)
+    row = {i: k for k, i in enumerate(used)}
+    a, b = vec[[row[i] for i, _ in pairs]], vec[[row[j] for _, j in pairs]]  # (P, E) each
+    return float(np.mean(1.0 - np.sum(a * b, axis=1))), len(pairs)
+
+
 # ---- presentation -----------------------------------------------------------------------------
 
 def format_table(result: dict, diagnostics: dict | None = None) -> str:
-    """Fixed-width table: one row per (caption-keep rate, positive modality); metrics x100, 2 decimals."""
-    counts = result.get("n_queries_by_modality", {})
-    head = f"{'caption-keep':>12}  {'positives':<9} {'queries':>7}" + "".join(f"{m:>11}" for m in METRICS)
+    """Fixed-width table: one row per (caption-keep rate, query group): "all", each positive modality,
+    then each query kind ("kind:<kind>"); metrics x100, 2 decimals; then the diagnostics."""
+    counts = {**result.get("n_queries_by_modality", {}),
+              **{KIND_GROUP_PREFIX + k: n for k, n in result.get("n_queries_by_kind", {}).items()}}
+    names = [name for groups in result["results"].values() for name in groups]
+    width = max([len("queries of"), *map(len, names)])
+    head = f"{'caption-keep':>12}  {'queries of':<{width}} {'queries':>7}" + "".join(f"{m:>11}" for m in METRICS)
     lines = [f"{result['split']} split: {result['n_queries']} queries, {result['n_documents']} documents "
              f"(caption coin seed {result['seed']})", head, "-" * len(head)]
     for rate, groups in result["results"].items():
         for name, metrics in groups.items():
             n = result["n_queries"] if name == "all" else counts.get(name, "")
             cells = "".join(f"{'-' if metrics[m] is None else format(metrics[m], '.2f'):>11}" for m in METRICS)
-            lines.append(f"{rate:>12}  {name:<9} {n:>7}{cells}")
+            lines.append(f"{rate:>12}  {name:<{width}} {n:>7}{cells}")
     if diagnostics:
         mc, sa = diagnostics["modality_collapse"], diagnostics["semantic_alignment"]
+        same = mc.get("same_caption_image_swap_shift")
+        same_text = (f"{same:.4f} over {mc['same_caption_pairs']} pairs" if same is not None
+                     else "n/a (no two captioned images share a caption)")
         lines += [
             "",
             f"diagnostics on {diagnostics['n_items']} captioned image documents (cosine distance = 1 - cos):",
             f"  modality collapse:   caption removal shift {mc['caption_removal_shift']:.4f}, "
-            f"image swap shift {mc['image_swap_shift']:.4f}, ratio {mc['collapse_ratio']:.2f} (high = ignores pixels)",
+            f"image swap shift {mc['image_swap_shift']:.4f} (a random document's image under the caption), "
+            f"ratio {mc['collapse_ratio']:.2f} (high = ignores pixels)",
+            f"  same-caption image swap shift {same_text} (two documents, one caption, different images; "
+            f"0 = the image is ignored when a caption is present)",
             f"  semantic alignment:  caption-image cos matched {sa['matched_cosine']:.4f}, "
             f"unmatched {sa['unmatched_cosine']:.4f}, gap {sa['alignment_gap']:.4f}; "
             f"modality gap {sa['modality_gap']:.4f}",

@@ -70,37 +70,66 @@ def encode_base64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def load_image(src: ImageSource, name: str = "image", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
-    """Decode any PIL-readable image to RGB. Corrupt or non-image input raises InputError naming `name`."""
-    from PIL import Image, UnidentifiedImageError
+class ImageTooLargeError(InputError):
+    """An image with more pixels than allowed, refused from its header before any pixel is decoded.
+    `size` is the declared (width, height), None when Pillow's own bomb guard refused the header."""
 
-    if isinstance(src, Image.Image):
-        img = src
-    else:
-        if isinstance(src, (bytes, bytearray, memoryview)):
-            raw = bytes(src)
-        elif isinstance(src, (str, os.PathLike)) and os.path.isfile(src):
-            with open(src, "rb") as fh:
-                raw = fh.read()
-        elif isinstance(src, str):
-            raw = decode_base64(src, name)
-        else:
-            raise InputError(f"{name}: expected image bytes, a base64 string or a file path, got {type(src).__name__}")
-        try:
-            img = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
-            w, h = img.size
-            if w * h > max_pixels:
-                raise InputError(f"{name}: image of {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}; "
-                                 "downscale it before sending")
-            img.load()
-        except InputError:
-            raise
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise InputError(f"{name}: cannot decode as an image ({exc.__class__.__name__}: {exc})") from exc
+    def __init__(self, message: str, size: tuple[int, int] | None, max_pixels: int):
+        super().__init__(message)
+        self.size = size
+        self.max_pixels = max_pixels
+
+
+class ImageFormatError(InputError):
+    """Bytes whose header is not an image of IMAGE_FORMATS (the cause is Pillow's exception)."""
+
+
+def decode_image(raw: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+    """Image file bytes -> RGB PIL image. The file is opened once: its header gives the format and the
+    size, which is checked against `max_pixels` before any pixel is decoded.
+
+    Raises ImageTooLargeError (over `max_pixels`), ImageFormatError (not a readable image) or
+    InputError (the header is fine but the pixel data is corrupt), each naming `name`."""
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"{name}: {exc}", None, max_pixels) from exc
+    except Exception as exc:  # Pillow raises many types for bytes it cannot identify
+        raise ImageFormatError(f"{name}: cannot decode as an image ({exc.__class__.__name__}: {exc})") from exc
     w, h = img.size
     if w * h > max_pixels:
-        raise InputError(f"{name}: image of {w}x{h} pixels exceeds the limit of {max_pixels}")
+        raise ImageTooLargeError(f"{name}: image of {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}; "
+                                 "downscale it before sending", (w, h), max_pixels)
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"{name}: cannot decode as an image ({exc.__class__.__name__}: {exc})") from exc
     return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def load_image(src: ImageSource, name: str = "image", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+    """Any image source -> RGB PIL image (bytes, base64 and files through `decode_image`). Corrupt or
+    non-image input raises InputError naming `name`."""
+    from PIL import Image
+
+    if isinstance(src, Image.Image):  # already decoded: only the limit and the mode are checked
+        w, h = src.size
+        if w * h > max_pixels:
+            raise ImageTooLargeError(f"{name}: image of {w}x{h} pixels exceeds the limit of {max_pixels}", (w, h),
+                                     max_pixels)
+        return src.convert("RGB") if src.mode != "RGB" else src
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        raw = bytes(src)
+    elif isinstance(src, (str, os.PathLike)) and os.path.isfile(src):
+        with open(src, "rb") as fh:
+            raw = fh.read()
+    elif isinstance(src, str):
+        raw = decode_base64(src, name)
+    else:
+        raise InputError(f"{name}: expected image bytes, a base64 string or a file path, got {type(src).__name__}")
+    return decode_image(raw, name, max_pixels)
 
 
 class Preprocessor:

@@ -30,7 +30,7 @@ def corpus(tmp_path, image_bytes):
         {"id": 7, "image": "data:image/png;base64," + base64.b64encode(imgs["c"]).decode()},
     ])
     write_lines(tmp_path / "queries_train.jsonl", [
-        {"id": "q1", "text": "cats?", "positives": ["t1"], "negatives": ["i2"]},
+        {"id": "q1", "text": "cats?", "positives": ["t1"], "negatives": ["i2"], "kind": "text"},
         {"id": "q2", "image": "img/q.png", "positives": ["i1", "7"], "answers": ["cat"]},
     ])
     write_lines(tmp_path / "queries_test.jsonl", [{"id": "q3", "text": "x", "positives": ["i2"]}])
@@ -49,7 +49,7 @@ def test_reads_documents_queries_and_images(corpus):
     assert ds.doc("i1").to_item(ds.images, keep_caption=False).text is None
     assert sorted(ds.queries) == ["test", "train"]
     q1, q2 = ds.split("train")
-    assert q1.negatives == ["i2"] and q1.image_ids == []
+    assert q1.negatives == ["i2"] and q1.image_ids == [] and q1.kind == "text" and q2.kind is None
     assert q2.text is None and q2.to_item(ds.images).images[0] == imgs["q"] and q2.answers == ["cat"]
     assert ds.qrels("train")["q2"] == {"i1": 1, "7": 1}
 
@@ -90,6 +90,8 @@ def test_corpus_errors_name_file_and_line(tmp_path, line, pattern):
     ({"id": "q", "text": "x"}, r"queries_train\.jsonl:1: missing field 'positives'"),
     ({"id": "q", "text": "x", "positives": "t0"}, r"positives must be a list of ids"),
     ({"id": "q", "text": "x", "positives": ["t0"], "answers": "a"}, r"answers must be a list of strings"),
+    ({"id": "q", "text": "x", "positives": ["t0"], "kind": ""}, r"queries_train\.jsonl:1: kind must be a non-blank"),
+    ({"id": "q", "text": "x", "positives": ["t0"], "kinds": "text"}, r"unknown field\(s\) \['kinds'\]"),
 ])
 def test_query_errors(tmp_path, line, pattern):
     write_lines(tmp_path / "corpus.jsonl", [{"id": "t0", "text": "first"}])

@@ -136,6 +136,19 @@ def test_missing_field_and_duplicate_id(webqa):
         read_webqa(folder)
 
 
+def test_query_kind(webqa):
+    folder, _ = webqa
+    q = dict(A=["x"], img_posFacts=[102], img_negFacts=[], txt_posFacts=[], txt_negFacts=[])
+    write_lines(folder / "dev.json", [{**q, "qid": "d1", "Q": "a dog", "kind": "pixel-only"},
+                                      {**q, "qid": "d2", "Q": "another dog"}])
+    (folder / "dev_qrels.txt").unlink()
+    assert [q.kind for q in read_webqa(folder).split("dev")] == ["pixel-only", None]  # optional
+    for bad, pattern in ((" ", r"dev\.json:1: kind must be a non-blank string"), (3, r"dev\.json:1: kind must be a string")):
+        write_lines(folder / "dev.json", [{**q, "qid": "d1", "Q": "a dog", "kind": bad}])
+        with pytest.raises(DataError, match=pattern):
+            read_webqa(folder)
+
+
 def test_json_array_is_refused_with_a_fix(webqa):
     folder, _ = webqa
     (folder / "all_imgs.json").write_text(json.dumps([{"caption": "c", "image_id": 101}], indent=1))

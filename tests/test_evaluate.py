@@ -17,17 +17,23 @@ from tests.conftest import make_image_bytes
 N_TEXT, N_IMAGE = 8, 12  # text documents first: their order matters for tie-breaking below
 
 
-def make_dataset() -> RetrievalDataset:
+# with kinds: text queries "text", image queries k < 14 "image-a", the others "image-b"; query q19 none
+KIND_OF = {**{k: "text" for k in range(N_TEXT)}, **{k: "image-a" for k in range(N_TEXT, 14)},
+           **{k: "image-b" for k in range(14, N_TEXT + N_IMAGE - 1)}}
+
+
+def make_dataset(kinds: bool = False) -> RetrievalDataset:
     """Document k carries label k (in its passage or caption; image k's pixels are seed k).
     Query k asks for label k; its positive is document k. "i_nocap" (image 8's pixels, no caption)
-    is relevant to nothing."""
+    is relevant to nothing. `kinds`: queries carry KIND_OF's kinds."""
     images = DictImageStore({f"img{k}": make_image_bytes(seed=k) for k in range(N_TEXT, N_TEXT + N_IMAGE)})
     docs = [Document(id=f"t{k}", modality="text", text=f"passage about lab{k}") for k in range(N_TEXT)]
     docs += [Document(id=f"i{k}", modality="image", text=f"photo of lab{k}", image_ids=[f"img{k}"])
              for k in range(N_TEXT, N_TEXT + N_IMAGE)]
     docs.append(Document(id="i_nocap", modality="image", text=None, image_ids=[f"img{N_TEXT}"]))
     ids = [d.id for d in docs]
-    queries = [Query(id=f"q{k}", text=f"what is lab{k}?", positives=[ids[k]]) for k in range(N_TEXT + N_IMAGE)]
+    queries = [Query(id=f"q{k}", text=f"what is lab{k}?", positives=[ids[k]], kind=KIND_OF.get(k) if kinds else None)
+               for k in range(N_TEXT + N_IMAGE)]
     queries.append(Query(id="q_nopos", text="nothing relevant", positives=[]))  # not evaluable: skipped
     return RetrievalDataset(name="synthetic", documents=docs, queries={"dev": queries, "test": queries[:3]},
                             images=images)
@@ -37,7 +43,9 @@ class LabelEncoder:
     """A fake encoder: one-hot of the label it can see ("lab<k>" in the text, or the label of the
     image's pixels), or a fixed "nothing seen" direction.
 
-    reads="text": pixel-blind (the collapsed model); "pixels": ignores text; "both": text, else pixels.
+    reads="text": pixel-blind (the collapsed model); "pixels": ignores text; "both": text, else pixels;
+    "contradiction": the text's label, or a fixed "mismatch" direction when the pixels show another
+    label (reacts to a contradicting image, ignores every pixel detail the text does not name).
     Records every item it encodes.
     """
 
@@ -47,6 +55,9 @@ class LabelEncoder:
 
     def label(self, item) -> int:
         text = re.search(r"lab(\d+)", item.text or "")
+        if self.reads == "contradiction" and text:  # the caption, unless the pixels show another label
+            seen = self.pixel_labels[item.images[0]] if item.images else None
+            return int(text.group(1)) if seen in (None, int(text.group(1))) else self.dim - 2
         if self.reads in ("text", "both") and text:
             return int(text.group(1))
         if self.reads in ("pixels", "both") and item.images:
@@ -91,6 +102,8 @@ def test_tiny_model_schema(dataset, tiny_encoders):
     check_schema(result, rates)
     assert result["n_queries"] == N_TEXT + N_IMAGE and result["n_documents"] == N_TEXT + N_IMAGE + 1
     assert result["n_queries_by_modality"] == {"image": N_IMAGE, "text": N_TEXT}
+    assert result["n_queries_by_kind"] == {}  # no query records a kind: no kind groups
+    assert all(set(groups) == {"all", "image", "text"} for groups in result["results"].values())
     # corpus of 21 < 100 docs: every positive is retrieved
     assert result["results"]["1.0"]["all"]["Recall@100"] == pytest.approx(100.0)
     assert evaluate(tiny_encoders("decoder"), dataset, split="test", caption_keep=(1.0,))["n_queries"] == 3
@@ -178,13 +191,88 @@ def test_diagnostics_detect_collapse(dataset):
 def test_diagnostics_tiny_model_and_table(dataset, tiny_encoders):
     diag = diagnostics(tiny_encoders("late"), dataset, max_items=6, seed=1)
     assert diag["n_items"] == 6
-    values = {**diag["modality_collapse"], **diag["semantic_alignment"]}
+    mc = diag["modality_collapse"]
+    # every caption of this corpus is different: no pair to measure the same-caption shift on
+    assert mc.pop("same_caption_image_swap_shift") is None and mc.pop("same_caption_pairs") == 0
+    values = {**mc, **diag["semantic_alignment"]}
     assert all(math.isfinite(v) for v in values.values())
     assert 0 <= diag["modality_collapse"]["caption_removal_shift"] <= 2
     result = evaluate(LabelEncoder("text", pixel_labels(dataset)), dataset, caption_keep=(1.0, 0.5))
-    table = format_table(result, diag)
+    table = format_table(result, diagnostics(tiny_encoders("late"), dataset, max_items=6, seed=1))
     assert "MRR@10" in table and "100.00" in table and "modality collapse" in table
-    assert len(table.splitlines()) == 3 + 2 * 3 + 4
+    assert "same-caption image swap shift n/a" in table
+    assert len(table.splitlines()) == 3 + 2 * 3 + 5
+
+
+def test_per_kind_groups(tiny_encoders):
+    ds = make_dataset(kinds=True)
+    enc = LabelEncoder("text", pixel_labels(ds))
+    result = evaluate(enc, ds, caption_keep=(1.0, 0.0), seed=3)
+    check_schema(result, (1.0, 0.0))
+    assert result["n_queries_by_modality"] == {"image": N_IMAGE, "text": N_TEXT}  # unchanged
+    assert result["n_queries_by_kind"] == {"image-a": 6, "image-b": 5, "text": N_TEXT}  # q19 has no kind
+    for groups in result["results"].values():
+        assert list(groups) == ["all", "image", "text", "kind:image-a", "kind:image-b", "kind:text"]
+    assert result["results"]["1.0"]["kind:image-b"]["MRR@10"] == pytest.approx(100.0)
+    # at keep 0.0 the pixel-blind encoder finds a dropped positive at index i with rank i + 1 (ties
+    # rank by corpus index), so "kind:image-a" (documents 8..13) scores 1/9, 1/10, then 0
+    zero = result["results"]["0.0"]
+    assert zero["kind:image-a"]["MRR@10"] == pytest.approx(100 * (1 / 9 + 1 / 10) / 6)
+    assert zero["kind:image-b"]["MRR@10"] == pytest.approx(0.0) and zero["kind:text"]["MRR@10"] == pytest.approx(100.0)
+    assert zero["text"] == zero["kind:text"]
+    table = format_table(result)
+    assert re.search(r"0\.0\s+kind:image-a\s+6\s", table) and len(table.splitlines()) == 3 + 2 * 6
+
+    # a tiny real model: the same groups, every positive in the top 100 of a 21-document corpus
+    tiny = evaluate(tiny_encoders("decoder"), ds, caption_keep=(1.0, 0.0), batch_size=8)
+    assert tiny["n_queries_by_kind"] == result["n_queries_by_kind"]
+    for groups in tiny["results"].values():
+        assert list(groups) == list(result["results"]["1.0"])
+        assert all(groups[g]["Recall@100"] == pytest.approx(100.0) for g in groups)
+
+
+def same_caption_dataset() -> RetrievalDataset:
+    """Two captions, three images each (different bytes, pixels labelled like their caption), plus
+    a document whose image bytes repeat another's (not a pair of two images)."""
+    images = {f"img{k}": make_image_bytes(seed=100 + k) for k in range(6)}
+    docs = [Document(id=f"d{k}", modality="image", text=f"a scan of lab{1 + k // 3}", image_ids=[f"img{k}"])
+            for k in range(6)]
+    docs.append(Document(id="d_dup", modality="image", text="a scan of lab2", image_ids=["img_dup"]))
+    images["img_dup"] = images["img5"]
+    return RetrievalDataset(name="shared", documents=docs, queries={}, images=DictImageStore(images))
+
+
+def test_same_caption_image_swap_shift(tiny_encoders):
+    import copy
+
+    import torch
+
+    ds = same_caption_dataset()
+    labels = {ds.images.get(f"img{k}"): 1 + k // 3 for k in range(6)}
+
+    def shift(encoder, **kw):
+        mc = diagnostics(encoder, ds, **kw)["modality_collapse"]
+        return mc["same_caption_image_swap_shift"], mc["same_caption_pairs"], mc["image_swap_shift"]
+
+    # d0-d1, d1-d2, d3-d4, d4-d5; d5-d_dup has identical image bytes and does not count
+    assert shift(LabelEncoder("text", labels)) == (pytest.approx(0.0), 4, pytest.approx(0.0))
+    assert shift(LabelEncoder("pixels", {**labels, **{ds.images.get(f"img{k}"): 10 + k for k in range(6)}}))[:2] == (
+        pytest.approx(1.0), 4)
+    # reacts to a contradicting image (the random swap moves it) but not to images that fit the
+    # caption: only the same-caption shift shows that the pixels are ignored
+    same, _, swapped = shift(LabelEncoder("contradiction", labels), seed=0)
+    assert same == pytest.approx(0.0) and swapped > 0.3
+    assert shift(LabelEncoder("text", labels), max_items=2)[1] == 1  # at most max_items // 2 pairs
+
+    # tiny late fusion: its image head adds the pixels to the caption; zeroed, the image is ignored
+    late = tiny_encoders("late")
+    assert shift(late)[0] > 1e-4
+    blind = copy.deepcopy(late)
+    with torch.no_grad():
+        blind.model.fusion_stage.image_head.weight.zero_()
+        blind.model.fusion_stage.image_head.bias.zero_()
+    assert shift(blind)[0] == pytest.approx(0.0, abs=1e-6)
+    assert shift(tiny_encoders("decoder"))[0] > 1e-4
 
 
 def test_diagnostics_needs_captioned_images(dataset):
@@ -232,6 +320,8 @@ def test_eval_command(tmp_path, checkpoint, fake_loader):
     report = json.loads(out.read_text())
     assert list(report["results"]) == ["1.0", "0.25"] and report["n_queries"] == 10
     assert report["diagnostics"]["n_items"] == N_IMAGE
+    assert report["diagnostics"]["modality_collapse"]["same_caption_pairs"] == 0
+    assert report["n_queries_by_kind"] == {}
     assert len(report["model_id"]) == 64 and report["config"]["fusion"] == "decoder"
 
     res = CliRunner().invoke(eval_command, [checkpoint, "--data", "demo", "--no-diagnostics", "--caption-keep", "0"])

@@ -87,3 +87,23 @@ def test_only_raster_formats_are_decoded():
     assert Image.open(io.BytesIO(buf.getvalue())).format == "PCX"
     with pytest.raises(InputError, match="cannot decode"):
         load_image(buf.getvalue(), "doc")
+
+
+def test_decode_image_checks_the_header_before_decoding_pixels(monkeypatch):
+    import io
+
+    from PIL import Image, ImageFile
+
+    from mimic_engine.preprocess import ImageFormatError, ImageTooLargeError, decode_image
+
+    buf = io.BytesIO()
+    Image.new("L", (3000, 2000)).save(buf, format="PNG", optimize=True)  # a few KB declaring 6M pixels
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("pixels decoded before the size check"))
+    with pytest.raises(ImageTooLargeError, match="doc: image of 3000x2000 = 6000000 pixels exceeds") as info:
+        decode_image(buf.getvalue(), "doc", max_pixels=1_000_000)
+    assert info.value.size == (3000, 2000) and info.value.max_pixels == 1_000_000
+    with pytest.raises(ImageFormatError, match="doc: cannot decode") as info:
+        decode_image(b"plain text", "doc")
+    assert type(info.value.__cause__).__name__ == "UnidentifiedImageError"
+    monkeypatch.undo()
+    assert decode_image(make_image_bytes(0, (50, 20), "PNG", "L"), "doc").mode == "RGB"

@@ -184,6 +184,14 @@ def test_concurrent_requests_equal_unbatched(tiny_encoders, tmp_path):
     texts = [f"query number {i} about " + "bus " * (i % 7) for i in range(48)]
     expected = backend.encode([Item(text=t) for t in texts], "query")
     out, errors = [None] * len(texts), []
+    batch_rows = []  # rows of each model call the server makes
+    encode_batch = backend.encode_batch
+
+    def counting_encode_batch(batch, role="document"):
+        batch_rows.append(len(batch))
+        return encode_batch(batch, role)
+
+    backend.encode_batch = counting_encode_batch
 
     def worker(w):
         for i in range(w, len(texts), 12):
@@ -202,7 +210,11 @@ def test_concurrent_requests_equal_unbatched(tiny_encoders, tmp_path):
         metrics = c.get("/metrics").text
     assert not errors and all(v is not None for v in out)
     np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=1e-5)
-    assert "mimic_batch_size_count" in metrics
+    # batching happened: 48 one-item requests were answered by fewer model calls, every item exactly once
+    print(f"{len(texts)} requests -> {len(batch_rows)} model calls, rows per call {batch_rows}")
+    assert sum(batch_rows) == len(texts) and len(batch_rows) < len(texts) and max(batch_rows) > 1, batch_rows
+    assert f"mimic_batch_size_count {float(len(batch_rows))}" in metrics  # the served metrics saw the same calls
+    assert f"mimic_batch_size_sum {float(len(texts))}" in metrics
 
 
 def test_no_batching_mode_gives_the_same_answers(tiny_encoders, tmp_path):

@@ -14,8 +14,9 @@ A document with any image is an image document; its caption is `caption` (or `te
 `caption` is given). A document without images is a text document and needs `text`.
 
 Query line: `{"id": "q1", "text": "...", "image": ..., "images": [...], "positives": ["d1"],
-"negatives": [...], "hard_negatives": [...], "answers": [...]}`. `positives` (ids in corpus.jsonl)
-is required; a query needs a text, an image or both.
+"negatives": [...], "hard_negatives": [...], "answers": [...], "kind": "..."}`. `positives` (ids in
+corpus.jsonl) is required; a query needs a text, an image or both. `kind` (optional) names what the
+query needs, e.g. "conjunctive"; evaluation reports every metric per kind as well.
 
 Images are a path relative to the folder (absolute paths also work), or base64 image bytes (a
 `data:image/...;base64,` URL or plain base64). Paths are checked when the folder is read and
@@ -40,7 +41,7 @@ log = logging.getLogger("mimic_engine.data")
 
 SPLITS = ("train", "dev", "test")
 DOC_KEYS = {"id", "text", "caption", "image", "images", "title", "metadata"}
-QUERY_KEYS = {"id", "text", "image", "images", "positives", "negatives", "hard_negatives", "answers"}
+QUERY_KEYS = {"id", "text", "image", "images", "positives", "negatives", "hard_negatives", "answers", "kind"}
 
 
 # ---- helpers shared by the readers ---------------------------------------------------------------
@@ -115,6 +116,15 @@ def optional_str(rec: dict, field: str, where: str) -> str | None:
     if not isinstance(value, str):
         raise DataError(f"{where}: {field} must be a string, got {type(value).__name__}")
     return value
+
+
+def query_kind(rec: dict, where: str) -> str | None:
+    """The optional `kind` of a query line: a non-blank string, or None when absent."""
+    kind = optional_str(rec, "kind", where)
+    if kind is not None and not kind.strip():
+        raise DataError(f"{where}: kind must be a non-blank string such as \"conjunctive\", got {kind!r}; "
+                        "leave the field out for a query without a kind")
+    return kind
 
 
 def keep_known(ids: list[str], known, what: str, where: str, owner: str, problems) -> list[str]:
@@ -254,7 +264,7 @@ def _read_queries(path: Path, known, images: _Images, problems, Query) -> list:
             negatives=keep_known(id_list(rec, "negatives", where), known, "negative", where, f"query {qid!r}", problems),
             hard_negatives=keep_known(id_list(rec, "hard_negatives", where), known, "hard negative", where,
                                       f"query {qid!r}", problems),
-            answers=answers,
+            answers=answers, kind=query_kind(rec, where),
         ))
     return out
 

@@ -138,6 +138,7 @@ class Query:
     negatives: list[str] = field(default_factory=list)  # negatives given by the data (img_negFacts + txt_negFacts)
     hard_negatives: list[str] = field(default_factory=list)  # mined (all_negFacts)
     answers: list[str] = field(default_factory=list)
+    kind: str | None = None  # what the query needs, if the data says (demo: "conjunctive", "pixel-only", ...)
 
     def to_item(self, images: ImageStore) -> Item:
         return Item(text=self.text, images=[images.get(i) for i in self.image_ids], name=self.id)

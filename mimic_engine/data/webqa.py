@@ -4,7 +4,8 @@ Files of a data folder (JSON lines unless noted; ids are strings, integers are c
 
     train.json, dev.json, test.json   queries: {"qid", "Q", "A", "img_posFacts", "img_negFacts",
                                       "txt_posFacts", "txt_negFacts"}; mined files such as
-                                      train_all.json add "all_negFacts" (-> Query.hard_negatives)
+                                      train_all.json add "all_negFacts" (-> Query.hard_negatives);
+                                      an optional "kind" (-> Query.kind) names what the query needs
     all_docs.json                     text documents {"title", "fact", "url", "snippet_id"}; text = fact
     all_imgs.json                     image metadata {"title", "caption", "image_id": int}; id = str(image_id)
     imgs.tsv                          image_id<TAB>base64 image bytes, one per line (read by offset)
@@ -31,7 +32,7 @@ import threading
 from pathlib import Path
 
 from ..errors import DataError
-from .jsonl import as_id, claim_id, id_list, keep_known, optional_str, read_json_lines
+from .jsonl import as_id, claim_id, id_list, keep_known, optional_str, query_kind, read_json_lines
 
 log = logging.getLogger("mimic_engine.data")
 
@@ -293,7 +294,7 @@ def _read_queries(path: Path, qrels, qrels_path, known, problems) -> list:
             continue
         negatives = id_list(rec, "img_negFacts", where) + id_list(rec, "txt_negFacts", where)
         out.append(Query(
-            id=qid, text=text, positives=positives, answers=answers,
+            id=qid, text=text, positives=positives, answers=answers, kind=query_kind(rec, where),
             negatives=keep_known(negatives, known, "negative", where, f"query {qid!r}", problems),
             hard_negatives=keep_known(id_list(rec, "all_negFacts", where), known, "mined negative", where,
                                       f"query {qid!r}", problems),

@@ -1,3 +1,6 @@
-"""The HTTP server: `app.create_app(settings, backend, index)` (FastAPI), `settings.ServerSettings`
-(every knob) and `cli` (`mimic-engine serve` / `mimic-engine search`). Nothing heavy is imported
-here: FastAPI loads with `app`. The load generator is `mimic-engine bench serve` (bench_serve.py)."""
+"""The HTTP server: `app.create_app(settings, backend, index)` (FastAPI) wires `schemas` (request and
+response bodies), `routes` (the handlers and their helpers, over a `routes.ServerState`), `metrics`
+(Prometheus series, the limits-and-metrics middleware) and `api_errors` (the one error shape);
+`settings.ServerSettings` (every knob) and `cli` (`mimic-engine serve` / `mimic-engine search`).
+Nothing heavy is imported here: FastAPI loads with `app`. The load generator is `mimic-engine bench
+serve` (bench_serve.py)."""
