@@ -1,11 +1,13 @@
-"""The export directory: its layout, the input/output contract of the two graphs, the manifest,
-and writing it so that nothing half-written ever looks complete.
+"""Writing the export directory: its layout, the input/output contract of the two graphs, and
+writing it so that nothing half-written ever looks complete. The part of the format the runtime
+reads (manifest, variants, config and tokenizer, graph metadata keys, TensorRT sidecars) is
+owned by `mimic_engine.runtime.export_format`, which this package writes through.
 
 Layout (`mimic-engine export ckpt.pt --out DIR`):
 
     DIR/
-      manifest.json            written LAST: format, checkpoint sha256, files with sizes and hashes,
-                               variants, what was skipped and why, "complete": true|false
+      manifest.json            written LAST: format, source checkpoint and model id, files with sizes
+                               and hashes, variants, what was skipped and why, "complete": true|false
       model_card.json          the contract below, machine-readable (no mimic-engine needed to read it)
       README.md                the same for people: inputs, outputs, a plain-onnxruntime example
       config.json              MimicConfig.to_dict()
@@ -23,35 +25,14 @@ everything else is documentation. This module imports neither torch nor onnx.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..checkpoint import file_sha256
-from ..errors import ConfigError, MimicError
-
-FORMAT = "mimic-engine-export"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-MODEL_CARD = "model_card.json"
-CONFIG = "config.json"
-TOKENIZER_DIR = "tokenizer"
-PARITY = "parity.json"
-TENSORRT_DIR = "tensorrt"
-STAGES = ("vision", "fusion")
-VARIANTS = ("fp32", "optimized", "int8", "fp16")
-METADATA_PREFIX = "mimic_engine."  # keys of the graphs' metadata_props
-
-
-class ExportError(MimicError):
-    """An export cannot be written, or an export directory cannot be used."""
-
-
-def graph_file(stage: str, variant: str = "fp32") -> str:
-    """vision.onnx, fusion.int8.onnx, ..."""
-    return f"{stage}.onnx" if variant == "fp32" else f"{stage}.{variant}.onnx"
+from ..errors import ConfigError
+from ..runtime.export_format import MANIFEST, ExportError, manifest_model_id
 
 
 # ---- the input/output contract ------------------------------------------------------------------
@@ -88,6 +69,9 @@ class Range:
         return [self.min, self.opt, self.max]
 
 
+DEFAULT_BATCH = Range("batch", 1, 16, 64)  # items per batch of the exported graphs (TensorRT profile)
+
+
 @dataclass
 class ShapeRanges:
     """The dynamic dimensions of both graphs. `images` (vision batch) is derived, not an option."""
@@ -104,7 +88,7 @@ class ShapeRanges:
         max_images_per_item images per item (V counts visual tokens, P per image)."""
         p = config.visual_tokens_per_image
         max_len = config.text.max_length
-        batch = batch or Range("batch", 1, 16, 64)
+        batch = batch or DEFAULT_BATCH
         text_len = text_len or Range("text_len", 1, max(1, max_len // 2), max_len)
         visual_tokens = visual_tokens or Range("visual_tokens", 1, p, config.vision.max_images_per_item * p)
         return cls.build(config, batch, text_len, visual_tokens)
@@ -168,24 +152,6 @@ INPUT_RULES = [
 
 
 # ---- files ----------------------------------------------------------------------------------------
-def write_json(path: str, data) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: str, what: str) -> dict:
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except FileNotFoundError:
-        raise ExportError(f"{what} {path!r} does not exist") from None
-    except ValueError as exc:
-        raise ExportError(f"{what} {path!r} is not valid JSON ({exc}); re-run `mimic-engine export`") from exc
-
-
 def file_table(root: str) -> dict:
     """relative path -> {"bytes", "sha256"} for every file under root except the manifest."""
     table = {}
@@ -198,79 +164,15 @@ def file_table(root: str) -> dict:
     return dict(sorted(table.items()))
 
 
-# ---- manifest -------------------------------------------------------------------------------------
-@dataclass
-class Manifest:
-    checkpoint_sha256: str
-    checkpoint: str  # the source ckpt.pt (absolute path), so PyTorch backends can find it
-    fusion: str
-    opset: int
-    ranges: dict
-    variants: dict = field(default_factory=dict)  # variant -> {stage: file}
-    tensorrt: dict | None = None  # {"engines": {stage: file}, "sidecars": {...}} when built
-    skipped: list = field(default_factory=list)  # [{"step", "reason"}]
-    parity: dict = field(default_factory=dict)  # variant -> {"passed", "max_abs_diff", "min_cosine"}
-    complete: bool = False
-    failure: str | None = None
-    files: dict = field(default_factory=dict)
-    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    mimic_engine_version: str = ""
-
-    def to_dict(self) -> dict:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, **self.__dict__}
-
-    @classmethod
-    def from_dict(cls, data: dict, where: str) -> "Manifest":
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ExportError(f"{where} is not a mimic-engine export manifest (no format={FORMAT!r})")
-        if not isinstance(data.get("format_version"), int) or data["format_version"] > FORMAT_VERSION:
-            raise ExportError(f"{where} has export format version {data.get('format_version')!r}; this mimic-engine "
-                              f"reads up to {FORMAT_VERSION}: upgrade mimic-engine or re-export")
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def read_manifest(export_dir: str, require_complete: bool = True) -> Manifest:
-    """The manifest of an export directory; refuses incomplete ones with the reason they failed."""
-    if not os.path.isdir(export_dir):
-        raise ExportError(f"export directory {export_dir!r} does not exist; write one with "
-                          "`mimic-engine export ckpt.pt --out DIR`")
-    path = os.path.join(export_dir, MANIFEST)
-    if not os.path.exists(path):
-        raise ExportError(f"{export_dir!r} has no {MANIFEST}: it is not a finished mimic-engine export; "
-                          "re-run `mimic-engine export`")
-    manifest = Manifest.from_dict(read_json(path, "manifest"), path)
-    for variant, files in manifest.variants.items():
-        for stage, file in (files.items() if isinstance(files, dict) else []):
-            # graph files live in the export folder itself: never follow a path out of it
-            if not isinstance(file, str) or os.path.basename(file) != file or file in ("", ".", ".."):
-                raise ExportError(f"{path}: variant {variant!r} stage {stage!r} names {file!r}, not a file name inside "
-                                  "the export folder; the manifest is corrupt or not written by mimic-engine: re-export")
-    if require_complete and not manifest.complete:
-        raise ExportError(f"{export_dir!r} holds an INCOMPLETE export ({manifest.failure or 'reason not recorded'}); "
-                          "fix the cause and re-run `mimic-engine export`")
-    return manifest
-
-
-def load_export_config(export_dir: str):
-    """MimicConfig and tokenizer stored in an export directory (no checkpoint needed)."""
-    from transformers import AutoTokenizer
-
-    from ..config import MimicConfig
-
-    config = MimicConfig.from_dict(read_json(os.path.join(export_dir, CONFIG), "model config"))
-    tok_dir = os.path.join(export_dir, TOKENIZER_DIR)
-    if not os.path.isdir(tok_dir):
-        raise ExportError(f"{export_dir!r} has no {TOKENIZER_DIR}/ folder; re-run `mimic-engine export`")
-    return config, AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-
-
 # ---- writing safely -------------------------------------------------------------------------------
-def check_target(out_dir: str, checkpoint_sha256: str, force: bool, marker: str = MANIFEST) -> None:
-    """Refuse to overwrite a folder that holds something else; a re-export of the same checkpoint is fine.
+def check_target(out_dir: str, model_ids, force: bool, marker: str = MANIFEST) -> None:
+    """Refuse to overwrite a folder that holds something else; a re-export of the same model is fine.
 
-    `marker` is the file that identifies our own output (the manifest, or the Triton repo's marker).
+    `model_ids`: the ids the model answers to (its content id, then legacy ids such as its
+    checkpoint file's sha256, which exports of format 1 recorded). `marker` is the file that
+    identifies our own output (the manifest, or the Triton repo's marker).
     """
+    model_ids = [model_ids] if isinstance(model_ids, str) else list(model_ids)
     if not os.path.exists(out_dir):
         return
     if not os.path.isdir(out_dir):
@@ -282,14 +184,10 @@ def check_target(out_dir: str, checkpoint_sha256: str, force: bool, marker: str 
     if not os.path.exists(marker_path):
         raise ExportError(f"output folder {out_dir!r} is not empty and holds no {marker} (files such as "
                           f"{sorted(entries)[:3]}): it is not a mimic-engine export; choose another --out or pass --force")
-    try:
-        with open(marker_path) as fh:
-            other = json.load(fh).get("checkpoint_sha256")
-    except (OSError, ValueError, AttributeError):
-        other = None
-    if other != checkpoint_sha256:
-        raise ExportError(f"output folder {out_dir!r} holds the artifacts of another model (checkpoint "
-                          f"{str(other)[:12]}, this one is {checkpoint_sha256[:12]}); choose another --out or pass --force")
+    other = manifest_model_id(marker_path)
+    if other not in model_ids:
+        raise ExportError(f"output folder {out_dir!r} holds the artifacts of another model (model "
+                          f"{str(other)[:12]}, this one is {model_ids[0][:12]}); choose another --out or pass --force")
 
 
 class StagingDir:

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import click
 
+from .artifacts import DEFAULT_BATCH
+from .onnx_export import DEFAULT_OPSET
+
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -15,12 +18,14 @@ PRECISIONS = ("fp32", "fp16", "int8")
               "TensorRT engine), int8 (CPU, dynamic quantisation); fp32 alone: only the reference graphs (and the optimized CPU graphs unless --no-optimize).")
 @click.option("--optimize/--no-optimize", default=True, show_default=True,
               help="Also write ONNX Runtime-fused graphs for the CPU.")
-@click.option("--opset", type=int, default=None, help="ONNX opset [default: 17].")
-@click.option("--batch", "batch", default=None, metavar="MIN,OPT,MAX", help="Items per batch [default: 1,16,64].")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
+@click.option("--batch", "batch", default=None, metavar="MIN,OPT,MAX",
+              show_default=",".join(map(str, DEFAULT_BATCH.as_list())), help="Items per batch.")
 @click.option("--text-len", "text_len", default=None, metavar="MIN,OPT,MAX",
-              help="Text tokens [default: 1,max_length/2,max_length of the checkpoint].")
+              show_default="1,max_length/2,max_length of the checkpoint", help="Text tokens.")
 @click.option("--visual-tokens", "visual_tokens", default=None, metavar="MIN,OPT,MAX",
-              help="Visual tokens per item (images x tokens per image) [default: 1,P,max_images_per_item*P].")
+              show_default="1,P,max_images_per_item*P for P tokens per image",
+              help="Visual tokens per item (images x tokens per image).")
 @click.option("--onnx-only", is_flag=True, help="Skip TensorRT even where it is installed.")
 @click.option("--triton-repo", type=click.Path(file_okay=False), default=None,
               help="Also write a Triton Inference Server model repository here.")
@@ -30,14 +35,13 @@ def export_command(checkpoint, out_dir, precisions, optimize, opset, batch, text
     """Export CHECKPOINT (a ckpt.pt) to ONNX (vision + fusion graphs), check parity with PyTorch,
     and write the optional CPU/GPU variants, TensorRT engines and a Triton repository."""
     from .artifacts import Range
-    from .onnx_export import DEFAULT_OPSET
     from .pipeline import ExportOptions, export_checkpoint
 
     wanted = set(PRECISIONS) if "all" in precisions else set(precisions)
     variants = tuple(v for v in ("optimized", "int8", "fp16")
                      if (v == "optimized" and optimize) or v in wanted)
     options = ExportOptions(
-        out_dir=out_dir, variants=variants, opset=opset or DEFAULT_OPSET,
+        out_dir=out_dir, variants=variants, opset=opset,
         batch=Range.parse("batch", batch) if batch else None,
         text_len=Range.parse("text_len", text_len) if text_len else None,
         visual_tokens=Range.parse("visual_tokens", visual_tokens) if visual_tokens else None,

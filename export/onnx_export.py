@@ -25,7 +25,8 @@ import warnings
 import torch
 from torch import nn
 
-from .artifacts import METADATA_PREFIX, ExportError, io_spec
+from ..runtime.export_format import METADATA_PREFIX, ExportError
+from .artifacts import io_spec
 
 DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17 on
 MIN_OPSET = 14  # scaled_dot_product_attention has no TorchScript symbolic below 14

@@ -20,9 +20,9 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
-from .artifacts import (CONFIG, INPUT_RULES, MANIFEST, MODEL_CARD, PARITY, STAGES, TENSORRT_DIR, TOKENIZER_DIR,
-                        ExportError, Manifest, Range, ShapeRanges, StagingDir, check_target, file_table, graph_file,
-                        io_spec, write_json)
+from ..runtime.export_format import (CONFIG, MODEL_CARD, PARITY, STAGES, TENSORRT_DIR, TOKENIZER_DIR, ExportError,
+                                     Manifest, checkpoint_source, graph_file, write_json, write_manifest)
+from .artifacts import INPUT_RULES, Range, ShapeRanges, StagingDir, check_target, file_table, io_spec
 from .onnx_export import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, check_opset, export_graph
 from .parity import check_parity, format_table, parity_cases, reference_outputs, summarize
 
@@ -83,27 +83,25 @@ def export_checkpoint(checkpoint: str, options: ExportOptions | None = None, log
     config, model = ckpt.config, ckpt.model
     ranges = ShapeRanges.defaults(config, opts.batch, opts.text_len, opts.visual_tokens)
     out_dir = os.path.abspath(opts.out_dir or default_out_dir(checkpoint))
-    check_target(out_dir, ckpt.sha256, opts.force)
+    ids = (ckpt.model_id, *ckpt.legacy_ids)  # an export of format 1 recorded the file's sha256
+    check_target(out_dir, ids, opts.force)
     if opts.triton_repo:  # refuse a foreign repository now, not after minutes of work
         from .triton import MARKER
 
-        check_target(opts.triton_repo, ckpt.sha256, opts.force, marker=MARKER)
-    log(f"      sha256 {ckpt.sha256[:16]}..., preset {config.preset}, fusion {config.fusion.fusion}, "
+        check_target(opts.triton_repo, ids, opts.force, marker=MARKER)
+    log(f"      model id {ckpt.model_id[:16]}..., preset {config.preset}, fusion {config.fusion.fusion}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters -> {out_dir}")
     log("      ranges (min/opt/max): " + ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in ranges.to_dict().items()))
 
-    manifest = Manifest(checkpoint_sha256=ckpt.sha256, checkpoint=os.path.abspath(checkpoint),
+    manifest = Manifest(source=checkpoint_source(checkpoint, out_dir, ckpt.model_id, ckpt.sha256),
                         fusion=config.fusion.fusion, opset=opts.opset, ranges=ranges.to_dict(),
                         mimic_engine_version=version)
-    metadata = {"checkpoint_sha256": ckpt.sha256, "config": config.to_dict(), "ranges": ranges.to_dict(),
+    metadata = {"model_id": ckpt.model_id, "config": config.to_dict(), "ranges": ranges.to_dict(),
                 "opset": str(opts.opset), "format": "mimic-engine-export", "variant": "fp32"}
     result = ExportResult(out_dir, manifest)
 
     with StagingDir(out_dir) as staging:
         root = staging.path
-
-        def save_manifest():
-            write_json(os.path.join(root, MANIFEST), manifest.to_dict())
 
         step(f"[2/8] exporting ONNX graphs (opset {opts.opset}, TorchScript exporter, dynamo=False)")
         for stage in STAGES:
@@ -117,7 +115,7 @@ def export_checkpoint(checkpoint: str, options: ExportOptions | None = None, log
         step("[3/8] writing config.json and tokenizer/")
         write_json(os.path.join(root, CONFIG), config.to_dict())
         ckpt.tokenizer.save_pretrained(os.path.join(root, TOKENIZER_DIR))
-        save_manifest()  # provisional (complete: false): lets the parity step open the folder
+        write_manifest(root, manifest)  # provisional (complete: false): lets the parity step open the folder
 
         step("[4/8] parity: ONNX Runtime fp32 vs PyTorch on unseen shapes")
         references = reference_outputs(model, parity_cases(config, ranges, opts.parity_seed))
@@ -202,7 +200,7 @@ def _variants(references, root: str, opts: ExportOptions, manifest: Manifest, re
             _skip(manifest, variant, f"writing the graph failed ({exc.__class__.__name__}: {str(exc)[:200]})", log)
             continue
         manifest.variants[variant] = files
-        write_json(os.path.join(root, MANIFEST), manifest.to_dict())
+        write_manifest(root, manifest)
         try:
             summary = _parity(references, root, variant, log)
         except Exception as exc:  # ONNX Runtime cannot load or run the graph here
@@ -253,7 +251,7 @@ def _tensorrt(references, root: str, opts: ExportOptions, manifest: Manifest, re
             profiles = stage_profiles(config, ranges, stage)
             engine = f"{TENSORRT_DIR}/{stage}.plan"
             build_engine(os.path.join(root, graph_file(stage, source)), os.path.join(root, engine), profiles,
-                         manifest.checkpoint_sha256, stage, source, os.path.join(root, TENSORRT_DIR), log=log)
+                         manifest.model_id, stage, source, os.path.join(root, TENSORRT_DIR), log=log)
             engines[stage] = engine
             profile_counts[stage] = len(profiles)
     except Exception as exc:  # the ONNX artifacts are still good; say exactly why there is no engine
@@ -261,7 +259,7 @@ def _tensorrt(references, root: str, opts: ExportOptions, manifest: Manifest, re
         _skip(manifest, "tensorrt", f"building the engines failed ({exc.__class__.__name__}: {str(exc)[:300]})", log)
         return
     manifest.tensorrt = {"engines": engines, "profiles": profile_counts, "precision": source}
-    write_json(os.path.join(root, MANIFEST), manifest.to_dict())
+    write_manifest(root, manifest)
 
     from mimic_engine.runtime.tensorrt_backend import TensorRTBackend
 
@@ -277,20 +275,20 @@ def _tensorrt(references, root: str, opts: ExportOptions, manifest: Manifest, re
 
 def _finish(root: str, manifest: Manifest, result: ExportResult, config, ranges: ShapeRanges) -> None:
     """parity.json, model_card.json, README.md, then the manifest with the file table (last)."""
-    write_json(os.path.join(root, PARITY), {"checkpoint_sha256": manifest.checkpoint_sha256, **result.parity})
+    write_json(os.path.join(root, PARITY), {"model_id": manifest.model_id, **result.parity})
     card = model_card(manifest, config, ranges)
     write_json(os.path.join(root, MODEL_CARD), card)
     with open(os.path.join(root, "README.md"), "w") as fh:
         fh.write(readme(card))
     manifest.files = file_table(root)
-    write_json(os.path.join(root, MANIFEST), manifest.to_dict())
+    write_manifest(root, manifest)
 
 
 def model_card(manifest: Manifest, config, ranges: ShapeRanges) -> dict:
     vc = config.vision
     return {
         "model": "MiMIC universal multimodal retrieval encoder (mimic-engine)",
-        "checkpoint_sha256": manifest.checkpoint_sha256,
+        "model_id": manifest.model_id,
         "fusion": manifest.fusion,
         "embedding_dim": io_spec(config)["fusion"]["outputs"][0]["shape"][1],
         "graphs": {variant: files for variant, files in manifest.variants.items()},
@@ -319,7 +317,7 @@ def readme(card: dict) -> str:
     graphs = "\n".join(f"- {v}: " + ", ".join(f"`{f}`" for f in files.values()) for v, files in card["graphs"].items())
     rules = "\n".join(f"- {r}" for r in card["rules"])
     pre = card["preprocessing"]
-    return f"""# MiMIC encoder, exported (checkpoint {card['checkpoint_sha256'][:12]}, {card['fusion']} fusion)
+    return f"""# MiMIC encoder, exported (model {card['model_id'][:12]}, {card['fusion']} fusion)
 
 Two ONNX graphs: the vision stage (images -> visual tokens) and the fusion stage (text + visual
 tokens -> embedding). Items without images skip the vision graph. Plain `onnxruntime`, numpy and

@@ -1,5 +1,7 @@
-"""TensorRT engines from the exported ONNX graphs (TensorRT 10 API), and the plain-Python parts
-around them: optimisation profiles, the JSON sidecar of an engine, timing-cache keys.
+"""TensorRT engines from the exported ONNX graphs (TensorRT 10 API), with their default
+optimisation profiles and timing-cache keys. What the runtime reads back (profiles, the JSON
+sidecar of an engine, `check_compatible`, `select_profile`) lives in
+`mimic_engine.runtime.export_format`.
 
 Engines: one per stage, `tensorrt/vision.plan` and `tensorrt/fusion.plan`, built from the fp16
 ONNX graph as a STRONGLY TYPED network (the graph's Casts say which parts stay fp32; TensorRT
@@ -9,7 +11,7 @@ set_memory_pool_limit. GPU memory and streams come from torch (no pycuda).
 
 An engine is only valid for the TensorRT version and GPU that built it, and for the weights it
 holds: each `.plan` has a `.plan.json` sidecar (TensorRT version, GPU name and compute capability,
-profiles, checkpoint sha256, source ONNX sha256) and `check_compatible` refuses any mismatch with
+profiles, model id, source ONNX sha256) and `check_compatible` refuses any mismatch with
 a message saying what differs and how to rebuild.
 
 Profiles: two per stage by default, so both ends are tuned: "latency" (opt at batch 1) and
@@ -18,69 +20,20 @@ that contains a shape.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 from ..checkpoint import file_sha256
-from .artifacts import ExportError, ShapeRanges, io_spec, write_json
+from ..runtime.export_format import TENSORRT_INSTALL as INSTALL
+from ..runtime.export_format import TRT_TO_NAME, EngineSidecar, ExportError, Profile, gpu_identity, write_sidecar
+from .artifacts import ShapeRanges, io_spec
 
-INSTALL = ("TensorRT 10 for your CUDA version, e.g. `pip install tensorrt-cu12` (from NVIDIA's package index; "
-           "the PyPI package only fetches it from there)")
 DEFAULT_WORKSPACE = 4 << 30  # bytes of scratch memory TensorRT may use while building and running
 
 
-class EngineMismatchError(ExportError):
-    """An engine was built for another checkpoint, GPU or TensorRT version."""
-
-
-class ShapeOutOfProfileError(ExportError):
-    """A run-time shape lies outside every optimisation profile of an engine."""
-
-
 # ---- profiles ----------------------------------------------------------------------------------
-@dataclass
-class Profile:
-    """One optimisation profile: input name -> [min shape, opt shape, max shape]."""
-
-    name: str
-    shapes: dict
-
-    def validate(self) -> "Profile":
-        if not self.shapes:
-            raise ExportError(f"profile {self.name!r} has no input shapes")
-        for inp, triple in self.shapes.items():
-            if len(triple) != 3:
-                raise ExportError(f"profile {self.name!r} input {inp!r}: need [min, opt, max] shapes, got {triple}")
-            lo, opt, hi = (list(s) for s in triple)
-            if not len(lo) == len(opt) == len(hi):
-                raise ExportError(f"profile {self.name!r} input {inp!r}: min/opt/max ranks differ: {lo}, {opt}, {hi}")
-            for d, (a, b, c) in enumerate(zip(lo, opt, hi)):
-                if not (isinstance(a, int) and isinstance(b, int) and isinstance(c, int)) or not 0 < a <= b <= c:
-                    raise ExportError(f"profile {self.name!r} input {inp!r} dim {d}: min={a}, opt={b}, max={c} violates "
-                                      f"1 <= min <= opt <= max (shapes {lo}, {opt}, {hi})")
-        return self
-
-    def contains(self, shapes: dict) -> bool:
-        for inp, shape in shapes.items():
-            lo, _, hi = self.shapes[inp]
-            if len(shape) != len(lo) or any(not a <= s <= c for a, s, c in zip(lo, shape, hi)):
-                return False
-        return True
-
-    def volume(self) -> int:
-        """Sum over inputs of the max shape's element count (smaller = tighter = better tuned)."""
-        total = 0
-        for _, _, hi in self.shapes.values():
-            n = 1
-            for d in hi:
-                n *= d
-            total += n
-        return total
-
-
 def stage_profiles(config, ranges: ShapeRanges, stage: str) -> list[Profile]:
     """The default profiles of a stage: "latency" (opt = smallest batch) and "throughput" (opt = largest)."""
     spec = io_spec(config)[stage]
@@ -104,88 +57,6 @@ def stage_profiles(config, ranges: ShapeRanges, stage: str) -> list[Profile]:
     return out
 
 
-def select_profile(profiles: list[Profile], shapes: dict) -> int:
-    """Index of the tightest profile containing `shapes` ({input name: shape}); a clear error if none."""
-    unknown = sorted(set(shapes) - set(profiles[0].shapes)) if profiles else []
-    if unknown or not profiles:
-        raise ShapeOutOfProfileError(f"inputs {unknown} are not inputs of this engine (it has "
-                                     f"{sorted(profiles[0].shapes) if profiles else 'no profiles'})")
-    fitting = [(p.volume(), i) for i, p in enumerate(profiles) if p.contains(shapes)]
-    if not fitting:
-        ranges = "; ".join(f"{p.name}: " + ", ".join(f"{k} {v[0]}..{v[2]}" for k, v in p.shapes.items())
-                           for p in profiles)
-        raise ShapeOutOfProfileError(f"input shapes {shapes} are outside every TensorRT profile ({ranges}); split the "
-                                     "batch, or re-export with wider --batch/--text-len/--visual-tokens ranges")
-    return min(fitting)[1]
-
-
-# ---- the sidecar --------------------------------------------------------------------------------
-@dataclass
-class EngineSidecar:
-    stage: str
-    precision: str  # "fp16" (strongly typed from the fp16 graph) or "fp32"
-    tensorrt_version: str
-    gpu_name: str
-    compute_capability: str  # "9.0"
-    checkpoint_sha256: str
-    onnx_file: str
-    onnx_sha256: str
-    profiles: list = field(default_factory=list)  # [Profile as dict]
-    inputs: list = field(default_factory=list)  # [{"name", "dtype", "shape"}] as the engine reports them
-    outputs: list = field(default_factory=list)
-    timing_cache: str | None = None
-    build_seconds: float | None = None
-    built: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    format: str = "mimic-engine-tensorrt-sidecar"
-
-    def profile_objects(self) -> list[Profile]:
-        return [Profile(p["name"], {k: [list(s) for s in v] for k, v in p["shapes"].items()}).validate()
-                for p in self.profiles]
-
-
-def sidecar_path(engine_path: str) -> str:
-    return engine_path + ".json"
-
-
-def write_sidecar(engine_path: str, sidecar: EngineSidecar) -> str:
-    path = sidecar_path(engine_path)
-    write_json(path, asdict(sidecar))
-    return path
-
-
-def read_sidecar(engine_path: str) -> EngineSidecar:
-    path = sidecar_path(engine_path)
-    if not os.path.exists(path):
-        raise EngineMismatchError(f"engine {engine_path!r} has no sidecar {os.path.basename(path)}: its TensorRT version, "
-                                  "GPU and checkpoint are unknown, so it is not loaded; rebuild it with `mimic-engine export`")
-    try:
-        with open(path) as fh:
-            data = json.load(fh)
-        if data.get("format") != "mimic-engine-tensorrt-sidecar":
-            raise ValueError("format key missing")
-        return EngineSidecar(**data)
-    except (ValueError, TypeError) as exc:
-        raise EngineMismatchError(f"sidecar {path!r} is not readable ({exc}); rebuild the engine with "
-                                  "`mimic-engine export`") from exc
-
-
-def check_compatible(sidecar: EngineSidecar, checkpoint_sha256: str, tensorrt_version: str, gpu_name: str,
-                     compute_capability: str, engine_path: str = "engine") -> None:
-    """Refuse an engine built for another checkpoint, GPU or TensorRT version (names every difference)."""
-    problems = []
-    if sidecar.checkpoint_sha256 != checkpoint_sha256:
-        problems.append(f"it holds checkpoint {sidecar.checkpoint_sha256[:12]}, this export is {checkpoint_sha256[:12]}")
-    if sidecar.tensorrt_version != tensorrt_version:
-        problems.append(f"it was built with TensorRT {sidecar.tensorrt_version}, this is TensorRT {tensorrt_version} "
-                        "(serialized engines are tied to the exact version)")
-    if sidecar.compute_capability != compute_capability or sidecar.gpu_name != gpu_name:
-        problems.append(f"it was built on {sidecar.gpu_name} (compute capability {sidecar.compute_capability}), "
-                        f"this GPU is {gpu_name} ({compute_capability}); kernels are tuned per GPU")
-    if problems:
-        raise EngineMismatchError(f"refusing TensorRT engine {engine_path!r}: " + "; ".join(problems) +
-                                  ". Rebuild it here with `mimic-engine export <ckpt.pt> --out <dir>`")
-
-
 def timing_cache_name(tensorrt_version: str, gpu_name: str, compute_capability: str) -> str:
     """File name of the timing cache valid for one TensorRT version on one GPU model.
 
@@ -198,14 +69,6 @@ def timing_cache_name(tensorrt_version: str, gpu_name: str, compute_capability: 
 
 
 # ---- environment --------------------------------------------------------------------------------
-def gpu_identity(device: int = 0) -> tuple[str, str]:
-    """(GPU name, compute capability "major.minor") through torch."""
-    import torch
-
-    major, minor = torch.cuda.get_device_capability(device)
-    return torch.cuda.get_device_name(device), f"{major}.{minor}"
-
-
 def availability() -> tuple[bool, str]:
     """(can build here?, reason when not): TensorRT importable, version 10+, a CUDA GPU visible to torch."""
     try:
@@ -224,11 +87,7 @@ def availability() -> tuple[bool, str]:
 
 
 # ---- building -----------------------------------------------------------------------------------
-TRT_TO_NAME = {"FLOAT": "float32", "HALF": "float16", "INT64": "int64", "INT32": "int32", "BOOL": "bool",
-               "INT8": "int8", "BF16": "bfloat16"}
-
-
-def build_engine(onnx_path: str, engine_path: str, profiles: list[Profile], checkpoint_sha256: str, stage: str,
+def build_engine(onnx_path: str, engine_path: str, profiles: list[Profile], model_id: str, stage: str,
                  precision: str, timing_cache_dir: str, workspace_bytes: int = DEFAULT_WORKSPACE,
                  log=print) -> EngineSidecar:
     """Build one engine from one ONNX graph; writes engine_path, its sidecar and the timing cache."""
@@ -285,7 +144,7 @@ def build_engine(onnx_path: str, engine_path: str, profiles: list[Profile], chec
         io[kind].append({"name": name, "dtype": dtype, "shape": list(engine.get_tensor_shape(name))})
     sidecar = EngineSidecar(
         stage=stage, precision=precision, tensorrt_version=trt.__version__, gpu_name=gpu_name,
-        compute_capability=cc, checkpoint_sha256=checkpoint_sha256, onnx_file=os.path.basename(onnx_path),
+        compute_capability=cc, model_id=model_id, onnx_file=os.path.basename(onnx_path),
         onnx_sha256=file_sha256(onnx_path), profiles=[asdict(p) for p in profiles], inputs=io["inputs"],
         outputs=io["outputs"], timing_cache=cache_name, build_seconds=round(seconds, 1),
     )

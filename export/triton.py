@@ -23,7 +23,8 @@ from __future__ import annotations
 import os
 import shutil
 
-from .artifacts import ExportError, Manifest, ShapeRanges, StagingDir, check_target, graph_file, io_spec, write_json
+from ..runtime.export_format import ExportError, Manifest, graph_file, write_json
+from .artifacts import ShapeRanges, StagingDir, check_target, io_spec
 
 MARKER = ".mimic-engine-triton.json"
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
@@ -87,7 +88,7 @@ def _scalar(v, key: str) -> str:
 def write_repository(export_dir: str, repo_dir: str, manifest: Manifest, config, force: bool = False,
                      log=print) -> list[str]:
     """Write the repository (staged, then renamed into place). -> model names written."""
-    check_target(repo_dir, manifest.checkpoint_sha256, force, marker=MARKER)
+    check_target(repo_dir, [manifest.model_id, manifest.source["file_sha256"]], force, marker=MARKER)
     ranges = ShapeRanges.from_dict(manifest.ranges)
     written = []
     with StagingDir(repo_dir) as staging:
@@ -104,7 +105,7 @@ def write_repository(export_dir: str, repo_dir: str, manifest: Manifest, config,
         with open(os.path.join(staging.path, "README.md"), "w") as fh:
             fh.write(client_readme(config, ranges, bool(manifest.tensorrt)))
         write_json(os.path.join(staging.path, MARKER), {
-            "checkpoint_sha256": manifest.checkpoint_sha256, "export_dir": os.path.abspath(export_dir),
+            "model_id": manifest.model_id, "export_dir": os.path.abspath(export_dir),
             "models": written,
         })
         staging.commit()

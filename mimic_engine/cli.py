@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 import click
@@ -11,13 +12,16 @@ from .errors import MimicError
 
 # name -> "module:attribute" of a click command
 COMMANDS = {
+    "train": "mimic_engine.training.cli:train_command",
+    "compare": "mimic_engine.training.cli:compare_command",
+    "mine": "mimic_engine.training.cli:mine_command",
     "demo": "mimic_engine.data.demo:demo_command",
     "eval": "mimic_engine.evaluate:eval_command",
     "export": "mimic_engine.export.cli:export_command",
     "serve": "mimic_engine.server.cli:serve_command",
     "index": "mimic_engine.index.cli:index_group",
     "search": "mimic_engine.server.cli:search_command",
-    "bench": "mimic_engine.bench:bench_group",
+    "bench": "mimic_engine.bench.cli:bench_group",
 }
 
 
@@ -46,9 +50,12 @@ def cli():
     """MiMIC universal multimodal retrieval: train, evaluate, export, serve, benchmark."""
 
 
-def main(argv=None):
+def run_command(command: click.Command, argv=None, prog_name: str | None = None):
+    """Run a click command as a program: its return value, or an exit with a one-line error (no
+    traceback) for usage errors (2), input errors (2) and Ctrl-C (130). The `mimic-engine` program
+    and the `python training/*.py` scripts both run through here."""
     try:
-        cli.main(args=argv, standalone_mode=False)
+        return command.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -58,6 +65,10 @@ def main(argv=None):
     except MimicError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+
+
+def main(argv=None):
+    run_command(cli, argv, prog_name="mimic-engine")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ class TrainingStrategy:
     # in a 3-minute run); the paper does not publish its values.
     caption_dropout: float = 0.5  # P(drop the caption of an image item), for documents and image queries
     caption_dropout_queries: bool = True
-    mixin_ratio: float = 1.0  # expected unimodal views added per multimodal positive (see training/sampling.py)
+    mixin: float = 1.0  # expected unimodal views added per multimodal positive (see training/sampling.py)
 
 
 @dataclass
@@ -96,7 +96,7 @@ class MimicConfig:
         choice("fusion.projector", self.fusion.projector, PROJECTORS)
         choice("vision.resize_mode", self.vision.resize_mode, RESIZE_MODES)
         _in_range("strategy.caption_dropout", self.strategy.caption_dropout, 0.0, 1.0)
-        _in_range("strategy.mixin_ratio", self.strategy.mixin_ratio, 0.0, 10.0)
+        _in_range("strategy.mixin", self.strategy.mixin, 0.0, 10.0)
         _in_range("text.max_length", self.text.max_length, 2, 4096)
         _in_range("vision.image_size", self.vision.image_size, 8, 4096)
         _in_range("vision.max_images_per_item", self.vision.max_images_per_item, 1, 64)
@@ -153,7 +153,13 @@ def _upgrade(data: dict) -> dict:
     return data
 
 
+# Keys renamed since a release wrote them: old name -> new name (checkpoints and exports keep loading).
+_RENAMED = {TrainingStrategy: {"mixin_ratio": "mixin"}}
+
+
 def _from_dict(cls, data: dict, where: str):
+    renamed = _RENAMED.get(cls, {})
+    data = {renamed.get(key, key): value for key, value in data.items()}
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:

@@ -10,16 +10,19 @@ import numpy as np
 import torch
 
 from .config import MimicConfig, preset
+from .device import resolve_device
 from .preprocess import Item, Preprocessor, load_tokenizer
 
 
 class MimicEncoder:
-    def __init__(self, model, tokenizer, device: str | torch.device = "cpu", model_id: str | None = None):
-        self.model = model.to(device).eval()
+    def __init__(self, model, tokenizer, device: str | torch.device = "cpu", model_id: str | None = None,
+                 legacy_model_ids: tuple = ()):
+        self.device = torch.device(resolve_device(device))  # "auto" = CUDA when available
+        self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
-        self.device = torch.device(device)
         self.preprocessor = Preprocessor(model.config, tokenizer)
         self.model_id = model_id or f"random:{model.config.preset or 'custom'}:{model.config.fusion.fusion}"
+        self.legacy_model_ids = tuple(legacy_model_ids)  # older ids indexes may hold (the checkpoint file's sha256)
 
     @property
     def config(self) -> MimicConfig:
@@ -33,8 +36,9 @@ class MimicEncoder:
     def from_checkpoint(cls, path: str, device: str | torch.device = "cpu") -> "MimicEncoder":
         from .checkpoint import load_checkpoint
 
+        device = resolve_device(device)
         ckpt = load_checkpoint(path, device)
-        return cls(ckpt.model, ckpt.tokenizer, device, model_id=ckpt.sha256)
+        return cls(ckpt.model, ckpt.tokenizer, device, model_id=ckpt.model_id, legacy_model_ids=ckpt.legacy_ids)
 
     @classmethod
     def from_config(cls, config: MimicConfig, device: str | torch.device = "cpu", seed: int = 0) -> "MimicEncoder":

@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 import click
 import numpy as np
 
+from .cli_options import caption_keep_option, data_options, device_option, seed_option
 from .data.types import Document, RetrievalDataset, caption_kept
 from .errors import DataError, InputError
 from .metrics import METRICS, exact_topk, mean_metrics, per_query_metrics
@@ -323,29 +324,16 @@ def format_table(result: dict, diagnostics: dict | None = None) -> str:
 
 # ---- command ----------------------------------------------------------------------------------
 
-def _parse_rates(ctx, param, value: str) -> list[float]:
-    try:
-        rates = [float(part) for part in value.split(",") if part.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers; e.g. 1.0,0.5,0.0") from None
-    if not rates or any(not (0.0 <= r <= 1.0) for r in rates):
-        raise click.BadParameter(f"{value!r}: every caption-keep rate must be a number in [0, 1]; e.g. 1.0,0.5,0.0")
-    return rates
-
-
 @click.command("eval")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
-@click.option("--data", "data_kind", type=click.Choice(["demo", "webqa", "evqa", "jsonl"]), required=True,
-              help="Dataset format.")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Dataset folder (demo: optional).")
+@data_options()
 @click.option("--split", type=click.Choice(["dev", "test"]), default="dev", show_default=True)
-@click.option("--caption-keep", default="1.0,0.5,0.0", show_default=True, callback=_parse_rates,
-              help="Comma-separated caption-keep rates in [0, 1].")
+@caption_keep_option(default=DEFAULT_KEEP_RATES)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results here.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@device_option()
 @click.option("--max-queries", type=click.IntRange(min=1), default=None, help="Evaluate the first N queries only.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the caption coin and diagnostics draw.")
+@seed_option(help="Seed of the caption coin and diagnostics draw.")
 @click.option("--no-diagnostics", is_flag=True, help="Skip the modality-collapse / misalignment diagnostics.")
 def eval_command(checkpoint, data_kind, data_dir, split, caption_keep, json_path, batch_size, device,
                  max_queries, seed, no_diagnostics):
@@ -379,12 +367,11 @@ def eval_command(checkpoint, data_kind, data_dir, split, caption_keep, json_path
                 "preset": cfg.preset,
                 "fusion": cfg.fusion.fusion,
                 "embed_dim": encoder.dim,
-                "strategy": {"caption_dropout": cfg.strategy.caption_dropout,
-                             "mixin_ratio": cfg.strategy.mixin_ratio},
+                "strategy": {"caption_dropout": cfg.strategy.caption_dropout, "mixin": cfg.strategy.mixin},
                 "data": data_kind,
                 "data_dir": data_dir,
                 "dataset": dataset.name,
-                "caption_keep": caption_keep,
+                "caption_keep": list(caption_keep),
                 "max_queries": max_queries,
             },
         }

@@ -42,11 +42,22 @@ def ranked_ids(ranking: Ranking) -> list[str]:
     return [d for d in ids if not (d in seen or seen.add(d))]
 
 
-def query_metrics(ranking: Ranking, relevant: Mapping[str, float] | set) -> dict[str, float]:
-    """Metrics of one query (fractions). `relevant` must hold at least one relevant doc."""
+def _relevant_set(relevant: Mapping[str, float] | set) -> set:
     rel = {d for d, r in relevant.items() if r > 0} if isinstance(relevant, Mapping) else set(relevant)
     if not rel:
-        raise InputError("query_metrics needs at least one relevant document; queries without one cannot be scored")
+        raise InputError("query metrics need at least one relevant document; queries without one cannot be scored")
+    return rel
+
+
+def recall_at_k(ranking: Ranking, relevant: Mapping[str, float] | set, k: int) -> float:
+    """Recall@k of one query: |rel ∩ top_k| / |rel| (a fraction). `relevant` as in `query_metrics`."""
+    rel = _relevant_set(relevant)
+    return len(rel.intersection(ranked_ids(ranking)[:k])) / len(rel)
+
+
+def query_metrics(ranking: Ranking, relevant: Mapping[str, float] | set) -> dict[str, float]:
+    """Metrics of one query (fractions). `relevant` must hold at least one relevant doc."""
+    rel = _relevant_set(relevant)
     ids = ranked_ids(ranking)
     hits = np.array([d in rel for d in ids[:100]], dtype=bool)  # (<=100,) relevance of each rank
     first = np.flatnonzero(hits[:10])
@@ -56,8 +67,8 @@ def query_metrics(ranking: Ranking, relevant: Mapping[str, float] | set) -> dict
     return {
         "MRR@10": 1.0 / (first[0] + 1) if len(first) else 0.0,
         "NDCG@10": dcg / idcg,
-        "Recall@20": float(hits[:20].sum()) / len(rel),
-        "Recall@100": float(hits[:100].sum()) / len(rel),
+        "Recall@20": recall_at_k(ids, rel, 20),
+        "Recall@100": recall_at_k(ids, rel, 100),
     }
 
 

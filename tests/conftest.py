@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -51,6 +52,50 @@ def tiny_encoders():
     def get(fusion: str = "decoder"):
         if fusion not in cache:
             cache[fusion] = MimicEncoder.from_preset("tiny", fusion=fusion, seed=0)
+        return cache[fusion]
+
+    return get
+
+
+@dataclass(frozen=True)
+class TinyExport:
+    """A tiny model, its ckpt.pt and its ONNX export. Shared by the whole session: read it, never
+    change it (copy the folder first, as the tests that edit a manifest do)."""
+
+    encoder: object  # the MimicEncoder the checkpoint was saved from
+    checkpoint: str
+    out_dir: str
+    result: object  # export.pipeline.ExportResult
+
+
+def _export_tiny(root, encoder, variants) -> TinyExport:
+    from mimic_engine.checkpoint import save_checkpoint
+    from mimic_engine.export.pipeline import ExportOptions, export_checkpoint
+
+    ckpt = save_checkpoint(str(root / "ckpt.pt"), encoder.model, encoder.tokenizer, {"step": 1})
+    out = str(root / "export")
+    result = export_checkpoint(ckpt, ExportOptions(out_dir=out, variants=variants, tensorrt=False), log=lambda *_: None)
+    return TinyExport(encoder, ckpt, out, result)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory, tiny_encoders) -> TinyExport:
+    """The tiny decoder-fusion model's checkpoint and its full ONNX export (fp32, optimized, int8,
+    fp16; no TensorRT), made once per session."""
+    pytest.importorskip("onnx", reason="onnx is not installed: pip install 'mimic-engine[export]'")
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: pip install 'mimic-engine[export]'")
+    return _export_tiny(tmp_path_factory.mktemp("tiny-export"), tiny_encoders("decoder"), ("optimized", "int8", "fp16"))
+
+
+@pytest.fixture(scope="session")
+def tiny_fusion_exports(tmp_path_factory, tiny_encoders, tiny_export):
+    """fusion -> TinyExport of the tiny model with that fusion, fp32 graphs at least; each made once
+    per session ("decoder" is `tiny_export`, the others hold the fp32 graphs only)."""
+    cache = {"decoder": tiny_export}
+
+    def get(fusion: str) -> TinyExport:
+        if fusion not in cache:
+            cache[fusion] = _export_tiny(tmp_path_factory.mktemp(f"tiny-export-{fusion}"), tiny_encoders(fusion), ())
         return cache[fusion]
 
     return get

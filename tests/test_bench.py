@@ -1,4 +1,5 @@
-"""`mimic-engine bench` (model benchmark) and `mimic-engine bench serve` (load generator).
+"""`mimic-engine bench` (model benchmark), `bench serve` (load generator) and `bench index`; the
+package's import rules.
 
 Tiny preset, few iterations, one thread: these check what is reported and how, never speed.
 """
@@ -17,7 +18,7 @@ from mimic_engine.cli import cli
 
 FAST = ["--preset", "tiny", "--iters", "2", "--warmup", "1", "--batches", "1,2", "--threads", "1"]
 RESULT_KEYS = {"backend", "batch", "latency_ms", "device_ms", "items_per_s", "speedup", "parity", "samples_ms"}
-LATENCY_KEYS = {"median", "p90", "p99", "mean", "min", "n"}
+LATENCY_KEYS = {"median", "p90", "p99", "mean", "min", "max", "n"}
 
 
 def run_cli(args):
@@ -43,13 +44,14 @@ def check_report(report: dict, backends: list[str], batches: list[int], iters: i
     assert report["settings"]["baseline"] == "torch"
     env = report["environment"]
     assert env["versions"]["torch"] and env["torch_threads"] >= 1 and env["cpu_count"] >= 1
+    assert env["cpu"] and isinstance(env["cpu_flags"], list)
     assert set(report["preprocess_ms"]) == {str(b) for b in batches}
     assert [(r["backend"], r["batch"]) for r in report["results"]] == [(n, b) for b in batches for n in backends]
     for r in report["results"]:
         assert set(r) == RESULT_KEYS
         lat = r["latency_ms"]
         assert set(lat) == LATENCY_KEYS and lat["n"] == iters == len(r["samples_ms"])
-        assert 0 < lat["min"] <= lat["median"] <= lat["p90"] <= lat["p99"]
+        assert 0 < lat["min"] <= lat["median"] <= lat["p90"] <= lat["p99"] <= lat["max"]
         assert r["items_per_s"] == pytest.approx(r["batch"] / (lat["median"] / 1e3))
         base = next(x for x in report["results"] if x["backend"] == "torch" and x["batch"] == r["batch"])
         assert r["speedup"] == pytest.approx(base["latency_ms"]["median"] / lat["median"])
@@ -119,7 +121,7 @@ def test_unknown_backend_and_bad_lengths_are_refused():
 
 
 def test_bench_items_token_count_images_and_mix(tiny_encoders):
-    from mimic_engine.bench import InputSpec, bench_items
+    from mimic_engine.bench.inputs import InputSpec, bench_items
 
     pre = tiny_encoders("decoder").preprocessor
     items = bench_items(pre, 8, InputSpec(text_tokens=12, images_per_item=2, text_only_fraction=0.5, seed=3))
@@ -134,8 +136,8 @@ def test_bench_items_token_count_images_and_mix(tiny_encoders):
 
 def test_without_pillow_images_are_random_pixel_tensors(tmp_path, tiny_encoders, monkeypatch):
     """A bare GPU machine has no Pillow: the benchmark then feeds random pixels of the same shapes."""
-    from mimic_engine import bench
-    from mimic_engine.bench import InputSpec, bench_items, synthetic_batch
+    from mimic_engine.bench import inputs
+    from mimic_engine.bench.inputs import InputSpec, bench_items, synthetic_batch
 
     pre = tiny_encoders("decoder").preprocessor
     spec = InputSpec(text_tokens=12, images_per_item=2, text_only_fraction=0.5, seed=3)
@@ -144,7 +146,7 @@ def test_without_pillow_images_are_random_pixel_tensors(tmp_path, tiny_encoders,
     assert synthetic.image_counts.tolist() == real.image_counts.tolist()
     assert synthetic.input_ids.equal(real.input_ids) and synthetic.attention_mask.equal(real.attention_mask)
 
-    monkeypatch.setattr(bench, "decoded_images_available", lambda: False)
+    monkeypatch.setattr(inputs, "decoded_images_available", lambda: False)
     out = tmp_path / "bench.json"
     result = run_cli(["bench", *FAST, "--batches", "2", "--backends", "torch", "--no-peak-memory", "--json", str(out)])
     report = json.loads(out.read_text())
@@ -154,15 +156,24 @@ def test_without_pillow_images_are_random_pixel_tensors(tmp_path, tiny_encoders,
 
 
 def test_text_only_batches_run(tmp_path):
-    out = tmp_path / "bench.json"
-    run_cli(["bench", *FAST, "--batches", "2", "--backends", "torch", "--images-per-item", "0", "--no-peak-memory",
-             "--json", str(out)])
-    report = json.loads(out.read_text())
-    assert report["inputs"]["images_per_item"] == 0 and len(report["results"]) == 1
+    """--images-per-item 0 times batches that really hold no image, and their vectors are not those of
+    the same texts with images (the count comes from the collated batch, not from the option)."""
+    reports = {}
+    for images in ("0", "1"):
+        out = tmp_path / f"bench-{images}.json"
+        run_cli(["bench", *FAST, "--batches", "2", "--backends", "torch", "--images-per-item", images,
+                 "--no-peak-memory", "--json", str(out)])
+        reports[images] = json.loads(out.read_text())
+    text_only, with_images = reports["0"], reports["1"]
+    assert text_only["inputs"]["images_per_batch"] == {"2": 0}
+    assert with_images["inputs"]["images_per_batch"] == {"2": 2}
+    check_report(text_only, ["torch"], [2], iters=2)
+    (row,) = text_only["results"]
+    assert row["latency_ms"]["n"] == 2 and row["items_per_s"] > 0
 
 
 def test_parity_and_stats_helpers():
-    from mimic_engine.bench import latency_stats, parity
+    from mimic_engine.bench.timing import latency_stats, parity
 
     rng = np.random.default_rng(0)
     a = rng.normal(size=(5, 8)).astype(np.float32)
@@ -171,12 +182,14 @@ def test_parity_and_stats_helpers():
     p = parity(b, a)
     assert p["min_cosine"] == pytest.approx(-1.0) and p["max_abs_diff"] > 0
     s = latency_stats([1.0, 2.0, 3.0, 4.0, 100.0])
-    assert s["median"] == 3.0 and s["min"] == 1.0 and s["n"] == 5 and s["p90"] < s["p99"] <= 100.0
+    assert s["median"] == 3.0 and s["min"] == 1.0 and s["n"] == 5 and s["p90"] < s["p99"] <= s["max"] == 100.0
+    assert latency_stats([]) is None
 
 
 @pytest.mark.slow
 def test_peak_memory_probe_runs_in_a_fresh_process(tmp_path, tiny_encoders):
-    from mimic_engine.bench import InputSpec, measure_memory
+    from mimic_engine.bench.inputs import InputSpec
+    from mimic_engine.bench.memory import measure_memory
     from mimic_engine.checkpoint import save_checkpoint
 
     enc = tiny_encoders("decoder")
@@ -192,7 +205,7 @@ def test_peak_memory_probe_runs_in_a_fresh_process(tmp_path, tiny_encoders):
 def test_recall_cost_against_the_baseline(tmp_path, tiny_encoders):
     import torch
 
-    from mimic_engine.bench import recall_cost
+    from mimic_engine.bench.recall import recall_cost
     from mimic_engine.runtime.torch_backend import TorchBackend
 
     enc = tiny_encoders("decoder")
@@ -203,7 +216,7 @@ def test_recall_cost_against_the_baseline(tmp_path, tiny_encoders):
             return out + 0.05 * torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
 
     backends = {"torch": TorchBackend.from_encoder(enc), "noisy": Perturbed.from_encoder(enc)}
-    rc = recall_cost(backends, "demo", str(tmp_path / "demo"), "dev", max_queries=20)
+    rc = recall_cost(backends, "torch", "demo", str(tmp_path / "demo"), "dev", max_queries=20)
     assert rc["n_queries"] == 20 and rc["n_documents"] > 100
     base, noisy = rc["per_backend"]["torch"], rc["per_backend"]["noisy"]
     assert base["overlap_at_10"] == 100.0 and base["delta_recall_at_10"] == 0.0 and base["delta_mrr_at_10"] == 0.0
@@ -263,6 +276,7 @@ def test_serve_counts_add_up(stand_in_server, tmp_path):
                       "--warmup", "0", "--api-key", "sesame", "--image-fraction", "0.5", "--json", str(out)])
     report = json.loads(out.read_text())
     assert report["schema"] == "mimic-engine-bench-serve/1" and report["route"] == "search"
+    assert report["path"] == "/v1/search" and report["environment"]["versions"]["mimic-engine"]
     assert [lv["concurrency"] for lv in report["levels"]] == [1, 3]
     for lv in report["levels"]:
         assert lv["sent"] == 20 == sum(lv["status_counts"].values())
@@ -278,16 +292,16 @@ def test_serve_counts_add_up(stand_in_server, tmp_path):
 
 
 def test_serve_counts_errors_by_status(stand_in_server):
-    from mimic_engine.bench_serve import run_serve_bench
+    from mimic_engine.bench.serve import ServeOptions, run_serve_bench
 
-    report = run_serve_bench(stand_in_server, [2], requests=6, duration_s=30, route="search", api_key="wrong",
-                             warmup=0)
+    report = run_serve_bench(ServeOptions(stand_in_server, [2], requests=6, duration_s=30, route="search",
+                                          api_key="wrong", warmup=0))
     (lv,) = report["levels"]
     assert lv["sent"] == 6 and lv["ok"] == 0 and lv["errors"] == {"401": 6} and lv["latency_ms"] is None
 
 
 def test_serve_connection_errors_are_counted(stand_in_server):
-    from mimic_engine.bench_serve import run_level
+    from mimic_engine.bench.serve import run_level
 
     # a closed port: every request fails without an answer, and each is counted once
     import socket
@@ -295,14 +309,14 @@ def test_serve_connection_errors_are_counted(stand_in_server):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    lv = run_level(f"http://127.0.0.1:{port}/v1/search", [{"query": {"text": "x"}}], 2, 5, 30, {})
+    lv = run_level(f"http://127.0.0.1:{port}/v1/search", [{"query": {"text": "x"}}], 2, 5, 30, {}, timeout_s=5)
     assert lv["sent"] == 5 and lv["ok"] == 0 and list(lv["errors"]) == ["exception:ConnectError"]
 
 
 @pytest.mark.parametrize("url", ["http://10.1.2.3:8000", "http://example.com:8000", "http://192.168.0.5",
                                  "ftp://127.0.0.1:21", "127.0.0.1:8000"])
 def test_serve_refuses_non_loopback(url):
-    from mimic_engine.bench_serve import check_loopback
+    from mimic_engine.bench.serve import check_loopback
     from mimic_engine.errors import ConfigError
 
     with pytest.raises(ConfigError, match="loopback|http"):
@@ -313,7 +327,7 @@ def test_serve_refuses_non_loopback(url):
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:8000/", "http://localhost:1", "http://[::1]:9000", "http://127.0.0.9"])
 def test_serve_accepts_loopback(url):
-    from mimic_engine.bench_serve import check_loopback
+    from mimic_engine.bench.serve import check_loopback
 
     assert check_loopback(url) == url.rstrip("/")
 
@@ -328,7 +342,7 @@ def test_serve_against_the_real_server(tmp_path, tiny_encoders):
         from mimic_engine.server.settings import ServerSettings
     except ImportError as exc:
         pytest.skip(f"the HTTP server is not available here: {exc}")
-    from mimic_engine.bench_serve import run_serve_bench
+    from mimic_engine.bench.serve import ServeOptions, run_serve_bench
 
     enc = tiny_encoders("decoder")
     backend = TorchBackend.from_encoder(enc)
@@ -346,11 +360,108 @@ def test_serve_against_the_real_server(tmp_path, tiny_encoders):
         assert server.started, "uvicorn did not start"
         port = server.servers[0].sockets[0].getsockname()[1]
         for route in ("embed", "search"):
-            report = run_serve_bench(f"http://127.0.0.1:{port}", [1, 4], requests=12, duration_s=60, route=route,
-                                     warmup=1)
+            report = run_serve_bench(ServeOptions(f"http://127.0.0.1:{port}", [1, 4], requests=12, duration_s=60,
+                                                  route=route, warmup=1))
             for lv in report["levels"]:
                 assert lv["sent"] == 12 == lv["ok"] + sum(lv["errors"].values())
                 assert lv["ok"] == 12, lv  # a healthy server answers every request
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+# ---- bench index ----------------------------------------------------------------------------------
+def test_bench_index_builds_times_and_probes_a_fresh_process(tmp_path):
+    pytest.importorskip("hnswlib", reason="the index needs hnswlib")
+    from mimic_engine.index.document_index import DocumentIndex
+
+    folder, out = tmp_path / "index", tmp_path / "index.json"
+    run_cli(["bench", "index", "--n", "300", "--dim", "8", "--queries", "20", "--single", "5", "--index", str(folder),
+             "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["schema"] == "mimic-engine-bench-index/1" and report["environment"]["cpu_count"] >= 1
+    assert (report["n"], report["dim"], report["k"]) == (300, 8, 10)
+    for key in ("bulk_upsert_docs_per_s", "single_upsert_docs_per_s", "single_upsert_p50_ms", "search_p50_ms",
+                "search_image_only_p50_ms", "folder_mib", "open_s"):
+        assert report[key] > 0, key
+    assert report["search_p50_ms"] <= report["search_p99_ms"]
+    # the probe is another process: its resident set grew while it opened and searched the index
+    assert report["rss_mib"] > report["rss_before_open_mib"] > 0
+    with DocumentIndex(str(folder), dim=8, model_id="bench-random") as idx:
+        assert idx.count() == 305 and idx.count("image") == 102  # 300 bulk + 5 single; every third is an image
+    result = CliRunner().invoke(cli, ["bench", "index", "--n", "10", "--index", str(folder)])
+    assert result.exit_code != 0 and "not empty" in str(result.exception or result.output)
+
+
+# ---- the command line and the package's imports ---------------------------------------------------
+def test_bench_help_lists_every_subcommand():
+    out = run_cli(["bench", "--help"]).output
+    commands = out[out.index("Commands:"):].split()
+    assert {"serve", "serve-matrix", "index", "gpu"} <= set(commands), out
+    assert "[default: 1,8,64]" in " ".join(out.split())  # defaults come from BenchOptions through show_default
+    assert "bench" not in run_cli(["index", "--help"]).output.split("Commands:")[1]  # moved here
+
+
+def _imports(path) -> set[str]:
+    """Absolute names of every module `path` imports (module level and inside functions)."""
+    import ast
+
+    package = "mimic_engine." + path.parent.name if path.parent.name != "mimic_engine" else "mimic_engine"
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(p for p in (base, node.module or "") if p)
+            names.add(module)
+            names.update(f"{module}.{a.name}" for a in node.names)  # `from . import x` imports module x
+    return names
+
+
+def test_bench_modules_import_no_circle_and_only_cli_imports_click():
+    from pathlib import Path
+
+    import mimic_engine.bench as bench
+
+    folder = Path(bench.__file__).parent
+    modules = {f"mimic_engine.bench.{p.stem}": _imports(p) for p in folder.glob("*.py") if p.stem != "__init__"}
+    assert {"mimic_engine.bench.model", "mimic_engine.bench.serve", "mimic_engine.bench.gpu"} <= set(modules)
+    graph = {m: {n for n in deps if n in modules and n != m} for m, deps in modules.items()}
+    done, on_path = set(), []
+
+    def visit(m):  # depth-first: a module met again on the current path closes a circle
+        assert m not in on_path, f"import circle: {' -> '.join(on_path[on_path.index(m):] + [m])}"
+        if m in done:
+            return
+        on_path.append(m)
+        for n in graph[m]:
+            visit(n)
+        on_path.pop()
+        done.add(m)
+
+    for m in graph:
+        visit(m)
+    assert [m for m, deps in modules.items() if "click" in deps] == ["mimic_engine.bench.cli"]
+
+
+def test_kernels_import_neither_the_bench_nor_the_runtime():
+    from pathlib import Path
+
+    import mimic_engine.kernels as kernels
+
+    for path in Path(kernels.__file__).parent.glob("*.py"):
+        # kernels/ installs as mimic_engine.kernels, so `..runtime` there is mimic_engine.runtime
+        bad = {n for n in _imports(path) if n.startswith(("mimic_engine.bench", "mimic_engine.runtime"))}
+        assert not bad, f"{path.name} imports {sorted(bad)}"
+
+
+def test_importing_the_benchmarks_imports_neither_click_nor_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; import mimic_engine.bench.model, mimic_engine.bench.serve, mimic_engine.bench.index, "
+            "mimic_engine.bench.gpu, mimic_engine.bench.memory, mimic_engine.bench.recall; "
+            "print(sorted(m for m in ('click', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

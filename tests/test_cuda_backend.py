@@ -354,7 +354,7 @@ def _captured_calls_on_meta(config, kernels: bool, batch: int = 3, text: int = 1
     """Build `config` on the meta device, run the backend's two captured functions under the check."""
     from unittest import mock
 
-    from mimic_engine.kernels.gpu_bench import bench_tokenizer
+    from mimic_engine.bench.gpu import bench_tokenizer
 
     with torch.device("meta"):
         model = build_model(config).eval()

@@ -8,36 +8,29 @@ import sys
 import numpy as np
 import pytest
 
-from mimic_engine.checkpoint import save_checkpoint
+from mimic_engine.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from mimic_engine.config import FUSIONS
 from mimic_engine.errors import CheckpointError, ConfigError
 
 onnx = pytest.importorskip("onnx", reason="onnx is not installed: pip install 'mimic-engine[export]'")
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: pip install 'mimic-engine[export]'")
 
-from mimic_engine.export.artifacts import ExportError, Range, read_manifest  # noqa: E402
+from mimic_engine.export.artifacts import Range  # noqa: E402
 from mimic_engine.export.onnx_export import read_metadata  # noqa: E402
 from mimic_engine.export.pipeline import ExportOptions, export_checkpoint  # noqa: E402
+from mimic_engine.runtime.export_format import ExportError, read_manifest  # noqa: E402
 
 
 def quiet(*_):
     pass
 
 
-@pytest.fixture(scope="module")
-def tiny_exports(tmp_path_factory, tiny_encoders):
-    """fusion -> (checkpoint path, export dir, ExportResult); fp32 graphs only, exported once per module."""
-    cache = {}
-
+@pytest.fixture
+def tiny_exports(tiny_fusion_exports):
+    """fusion -> (checkpoint path, export dir, ExportResult) of the session's shared exports."""
     def get(fusion):
-        if fusion not in cache:
-            root = tmp_path_factory.mktemp(f"export-{fusion}")
-            enc = tiny_encoders(fusion)
-            ckpt = save_checkpoint(str(root / "ckpt.pt"), enc.model, enc.tokenizer, {"step": 1})
-            out = str(root / "export")
-            result = export_checkpoint(ckpt, ExportOptions(out_dir=out, variants=(), tensorrt=False), log=quiet)
-            cache[fusion] = (ckpt, out, result)
-        return cache[fusion]
+        e = tiny_fusion_exports(fusion)
+        return e.checkpoint, e.out_dir, e.result
 
     return get
 
@@ -50,7 +43,7 @@ def test_export_writes_checked_graphs_with_metadata_and_passes_parity(fusion, ti
     for name in ("vision.onnx", "fusion.onnx"):
         onnx.checker.check_model(os.path.join(out, name))
         meta = read_metadata(os.path.join(out, name))
-        assert meta["checkpoint_sha256"] == manifest.checkpoint_sha256
+        assert meta["model_id"] == manifest.model_id
         assert meta["config"]["fusion"]["fusion"] == fusion
         assert [t["name"] for t in meta["io"]["inputs"]] == (
             ["pixel_values"] if name == "vision.onnx" else ["input_ids", "attention_mask", "visual_tokens", "visual_mask"])
@@ -68,7 +61,9 @@ def test_export_writes_checked_graphs_with_metadata_and_passes_parity(fusion, ti
     # the files a runtime needs without the checkpoint; every file listed with its hash
     for name in ("config.json", "tokenizer/tokenizer_config.json", "model_card.json", "README.md", "parity.json"):
         assert name in manifest.files, name
-    assert manifest.checkpoint == os.path.abspath(ckpt)
+    # the source checkpoint, named explicitly: its path (absolute and relative to the export), ids
+    assert manifest.source == {"checkpoint": os.path.abspath(ckpt), "relative": "../ckpt.pt",
+                               "model_id": load_checkpoint(ckpt).model_id, "file_sha256": file_sha256(ckpt)}
 
 
 def test_model_card_documents_inputs_and_rules(tiny_exports):
@@ -111,15 +106,12 @@ print(json.dumps(emb.tolist()))
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
-def test_variants_are_written_checked_and_loadable(tiny_encoders, tmp_path):
+def test_variants_are_written_checked_and_loadable(tiny_export):
     from mimic_engine.preprocess import Item
     from mimic_engine.runtime.onnx_backend import OnnxBackend
     from tests.conftest import make_image_bytes
 
-    enc = tiny_encoders("decoder")
-    ckpt = save_checkpoint(str(tmp_path / "ckpt.pt"), enc.model, enc.tokenizer)
-    out = str(tmp_path / "export")
-    result = export_checkpoint(ckpt, ExportOptions(out_dir=out, tensorrt=False), log=quiet)
+    out, result = tiny_export.out_dir, tiny_export.result
     manifest = read_manifest(out)
     assert set(manifest.variants) == {"fp32", "optimized", "int8", "fp16"}, manifest.skipped
     for variant in ("optimized", "int8", "fp16"):
@@ -136,7 +128,7 @@ def test_variants_are_written_checked_and_loadable(tiny_encoders, tmp_path):
     ref = OnnxBackend(out).encode(items)
     for variant, atol in (("optimized", 1e-5), ("int8", 0.05), ("fp16", 5e-3)):
         backend = OnnxBackend(out, variant=variant)
-        assert backend.name == f"onnx-{variant}" and backend.model_id == manifest.checkpoint_sha256
+        assert backend.name == f"onnx-{variant}" and backend.model_id == manifest.model_id
         np.testing.assert_allclose(backend.encode(items), ref, atol=atol)
 
 
@@ -218,13 +210,14 @@ def test_output_folder_of_another_model_or_foreign_files_is_refused(tiny_exports
     assert os.listdir(foreign) == ["holiday.jpg"] and not _leftovers(tmp_path)
 
 
-def test_a_crash_mid_export_leaves_the_old_export_untouched(tiny_encoders, tmp_path, monkeypatch):
+def test_a_crash_mid_export_leaves_the_old_export_untouched(tiny_exports, tmp_path, monkeypatch):
+    import shutil
+
     from mimic_engine.export import pipeline
 
-    enc = tiny_encoders("late")
-    ckpt = save_checkpoint(str(tmp_path / "ckpt.pt"), enc.model, enc.tokenizer)
+    ckpt, shared, _ = tiny_exports("late")
     out = str(tmp_path / "export")
-    export_checkpoint(ckpt, ExportOptions(out_dir=out, variants=(), tensorrt=False), log=quiet)
+    shutil.copytree(shared, out)  # an earlier export of this checkpoint, to be re-exported over
     before = read_manifest(out).files
 
     def boom(*a, **k):
@@ -242,14 +235,20 @@ def test_cli_prints_progress_parity_table_and_summary(tiny_exports, tmp_path):
 
     from mimic_engine.export.cli import export_command
 
+    from mimic_engine.export.triton import MARKER
+
     ckpt, _, _ = tiny_exports("early")
-    out = tmp_path / "cli-export"
+    out, repo = tmp_path / "cli-export", tmp_path / "triton-repo"
     res = CliRunner().invoke(export_command, [ckpt, "--out", str(out), "--precision", "fp32", "--no-optimize",
-                                              "--batch", "1,4,9", "--text-len", "1,8,16", "--visual-tokens", "1,16,32"])
+                                              "--batch", "1,4,9", "--text-len", "1,8,16", "--visual-tokens", "1,16,32",
+                                              "--triton-repo", str(repo)])
     assert res.exit_code == 0, res.output + repr(res.exception)
     for text in ("[1/8]", "[4/8] parity", "min cos", "export summary (complete)", "fusion.onnx", "skipped:",
-                 "tensorrt: ", "batch 1/4/9"):
+                 "tensorrt: ", "batch 1/4/9", "[8/8] Triton repository ->"):
         assert text in res.output, text
+    # the Triton step of the pipeline (its repository's contents are tested in test_export_triton.py)
+    assert json.load(open(repo / MARKER))["model_id"] == load_checkpoint(ckpt).model_id
+    assert os.path.exists(repo / "mimic_fusion" / "1" / "model.onnx")
     manifest = read_manifest(str(out))
     assert manifest.ranges["batch"] == [1, 4, 9] and set(manifest.variants) == {"fp32"}
     rows = json.load(open(out / "parity.json"))["fp32"]["rows"]

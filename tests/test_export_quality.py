@@ -37,7 +37,7 @@ def test_fp16_graph_keeps_norms_softmax_and_ffn_output_in_fp32(tmp_path, tiny_en
 
     model = tiny_encoders("decoder").model
     path = str(tmp_path / "fusion.onnx")
-    export_graph(model, "fusion", path, 17, {"checkpoint_sha256": "x"})
+    export_graph(model, "fusion", path, 17, {"model_id": "x"})
     graph = onnx.load(path)
     keep = set(fp32_nodes(graph))
     names = [n.name for n in graph.graph.node]
@@ -87,15 +87,11 @@ def demo_like_dataset():
     return RetrievalDataset("mini", docs, {"test": queries}, images)
 
 
-def test_retrieval_check_compares_two_backends(tmp_path, tiny_encoders):
-    from mimic_engine.export.pipeline import ExportOptions, export_checkpoint
+def test_retrieval_check_compares_two_backends(tiny_export):
     from mimic_engine.runtime.onnx_backend import OnnxBackend
     from mimic_engine.runtime.torch_backend import TorchBackend
 
-    enc = tiny_encoders("decoder")
-    ckpt = save_checkpoint(str(tmp_path / "ckpt.pt"), enc.model, enc.tokenizer)
-    export_checkpoint(ckpt, ExportOptions(out_dir=str(tmp_path / "e"), variants=(), tensorrt=False), log=lambda *_: None)
-    torch_backend, onnx_backend = TorchBackend.from_encoder(enc), OnnxBackend(str(tmp_path / "e"))
+    torch_backend, onnx_backend = TorchBackend.from_encoder(tiny_export.encoder), OnnxBackend(tiny_export.out_dir)
     data = demo_like_dataset()
 
     same = retrieval_check(torch_backend, onnx_backend, data, k=10)

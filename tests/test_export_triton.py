@@ -7,27 +7,22 @@ import re
 import numpy as np
 import pytest
 
-from mimic_engine.checkpoint import save_checkpoint
-
 onnx = pytest.importorskip("onnx", reason="onnx is not installed: pip install 'mimic-engine[export]'")
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: pip install 'mimic-engine[export]'")
 
-from mimic_engine.export.artifacts import ExportError  # noqa: E402
-from mimic_engine.export.pipeline import ExportOptions, export_checkpoint  # noqa: E402
-from mimic_engine.export.triton import MARKER, to_pbtxt  # noqa: E402
+from mimic_engine.export.triton import MARKER, to_pbtxt, write_repository  # noqa: E402
+from mimic_engine.runtime.export_format import ExportError, read_manifest  # noqa: E402
 
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.INT64: "TYPE_INT64"}
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, tiny_encoders):
-    root = tmp_path_factory.mktemp("triton")
-    enc = tiny_encoders("decoder")
-    ckpt = save_checkpoint(str(root / "ckpt.pt"), enc.model, enc.tokenizer)
-    out, repo_dir = str(root / "export"), str(root / "repo")
-    export_checkpoint(ckpt, ExportOptions(out_dir=out, variants=(), tensorrt=False, triton_repo=repo_dir),
-                      log=lambda *_: None)
-    return enc, ckpt, out, repo_dir
+def repo(tmp_path_factory, tiny_export):
+    """The Triton repository of the shared export (what `export --triton-repo` writes as its last
+    step; that route through the pipeline is tested in test_export.py)."""
+    out, repo_dir = tiny_export.out_dir, str(tmp_path_factory.mktemp("triton") / "repo")
+    write_repository(out, repo_dir, read_manifest(out), tiny_export.encoder.config, log=lambda *_: None)
+    return tiny_export.encoder, tiny_export.checkpoint, out, repo_dir
 
 
 def parse_pbtxt(text: str):
@@ -177,11 +172,9 @@ def test_client_flow_in_the_readme_chains_the_stages(repo):
 
 
 def test_repository_of_another_model_is_refused(repo, tmp_path, tiny_encoders):
-    from mimic_engine.export.artifacts import read_manifest
-    from mimic_engine.export.triton import write_repository
-
     enc, _, out, repo_dir = repo
     manifest = read_manifest(out)
-    other = type(manifest)(**{**manifest.__dict__, "checkpoint_sha256": "0" * 64})
+    other = type(manifest)(**{**manifest.__dict__, "source": {**manifest.source, "model_id": "0" * 64,
+                                                              "file_sha256": "1" * 64}})
     with pytest.raises(ExportError, match="artifacts of another model"):
         write_repository(out, repo_dir, other, enc.config, log=lambda *_: None)

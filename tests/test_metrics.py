@@ -131,3 +131,14 @@ def test_exact_topk_ties_and_small_corpus():
         exact_topk(q, np.zeros((3, 5), np.float32))
     with pytest.raises(InputError, match="k=0"):
         exact_topk(q, d, k=0)
+
+
+def test_recall_at_k_counts_each_relevant_document_once():
+    from mimic_engine.metrics import recall_at_k
+
+    ranking = ["a", "b", "a", "c", "d"]  # "a" repeated: it counts once, at its best rank
+    assert recall_at_k(ranking, {"a", "c", "z"}, 2) == pytest.approx(1 / 3)
+    assert recall_at_k(ranking, {"a", "c", "z"}, 3) == pytest.approx(2 / 3)  # ranks after dedup: a, b, c
+    assert recall_at_k([("b", 0.1), ("a", 0.9)], {"a": 1, "b": 0}, 1) == 1.0  # scored pairs; relevance 0 is not relevant
+    with pytest.raises(InputError, match="relevant"):
+        recall_at_k(ranking, {"a": 0}, 10)

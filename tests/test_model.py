@@ -65,10 +65,30 @@ def test_gather_visual_tokens_places_images_in_item_order():
     assert vt[1, :, 0].tolist() == [0, 1, 2, 3] and vt[2, :2, 0].tolist() == [4, 5]
 
 
-def test_role_calls_exist_and_agree(tiny_encoders):
+def test_each_role_runs_its_own_model_call_and_returns_unit_vectors(tiny_encoders, monkeypatch):
+    """Queries and documents are separate calls (MimicModel.encode_queries / encode_documents);
+    that they compute the same function today is not promised, so it is not tested. Promised:
+    each role gives (N, E) float32 unit vectors in input order, through its own call; the
+    default role is "document"."""
+    from mimic_engine.modeling.model import MimicModel
+
     enc = tiny_encoders("decoder")
-    items = mixed_items()[:2]
-    np.testing.assert_allclose(enc.encode(items, role="query"), enc.encode(items, role="document"), atol=1e-6)
+    items = mixed_items()[:3]
+    for role in ("query", "document"):
+        vecs = enc.encode(items, role=role)
+        assert vecs.shape == (len(items), enc.dim) and vecs.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(enc.encode(items[1:2], role=role)[0], vecs[1], atol=1e-5)  # row i is item i
+    calls = []
+    for name in ("encode_queries", "encode_documents"):
+        def spy(self, batch, _name=name, _call=getattr(MimicModel, name)):
+            calls.append((_name, len(batch)))
+            return _call(self, batch)
+        monkeypatch.setattr(MimicModel, name, spy)
+    enc.encode(items, role="query")
+    enc.encode(items, role="document")
+    enc.encode(items)
+    assert calls == [("encode_queries", 3), ("encode_documents", 3), ("encode_documents", 3)]
 
 
 def test_unknown_config_values_list_the_allowed_ones():

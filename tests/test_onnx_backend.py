@@ -6,7 +6,6 @@ import shutil
 import numpy as np
 import pytest
 
-from mimic_engine.checkpoint import save_checkpoint
 from mimic_engine.config import FUSIONS
 from mimic_engine.errors import MissingDependencyError
 from mimic_engine.preprocess import Item
@@ -15,8 +14,7 @@ from tests.conftest import mixed_items as shared_mixed_items
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: pip install 'mimic-engine[export]'")
 
-from mimic_engine.export.artifacts import ExportError  # noqa: E402
-from mimic_engine.export.pipeline import ExportOptions, export_checkpoint  # noqa: E402
+from mimic_engine.runtime.export_format import ExportError, read_manifest, write_manifest  # noqa: E402
 from mimic_engine.runtime.onnx_backend import OnnxBackend  # noqa: E402
 
 
@@ -26,18 +24,19 @@ def mixed_items():
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_encoders):
+def exported(tmp_path_factory, tiny_fusion_exports):
+    """fusion -> (encoder, a copy of the shared export whose source checkpoint does not exist)."""
     cache = {}
 
     def get(fusion):
         if fusion not in cache:
-            root = tmp_path_factory.mktemp(f"onnx-{fusion}")
-            enc = tiny_encoders(fusion)
-            ckpt = save_checkpoint(str(root / "ckpt.pt"), enc.model, enc.tokenizer)
-            out = str(root / "export")
-            export_checkpoint(ckpt, ExportOptions(out_dir=out, variants=(), tensorrt=False), log=lambda *_: None)
-            os.remove(ckpt)  # the backend must not need it
-            cache[fusion] = (enc, out)
+            shared = tiny_fusion_exports(fusion)
+            out = str(tmp_path_factory.mktemp(f"onnx-{fusion}") / "export")
+            shutil.copytree(shared.out_dir, out)
+            manifest = read_manifest(out)
+            manifest.source = {**manifest.source, "checkpoint": out + "-gone/ckpt.pt", "relative": "../gone.pt"}
+            write_manifest(out, manifest)  # the backend must not need the checkpoint
+            cache[fusion] = (shared.encoder, out)
         return cache[fusion]
 
     return get
@@ -58,19 +57,20 @@ def test_onnx_backend_encode_equals_pytorch_encoder(fusion, exported):
     assert backend.encode(items, role="query").shape == (len(items), enc.dim)
 
 
-def test_model_id_is_the_checkpoint_sha256_and_capabilities(exported):
-    from mimic_engine.export.artifacts import read_manifest
-
-    _, out = exported("decoder")
+def test_model_id_is_the_models_content_id_and_capabilities(exported):
+    enc, out = exported("decoder")
     backend = OnnxBackend(out)
-    assert backend.model_id == read_manifest(out).checkpoint_sha256 and len(backend.model_id) == 64
+    source = read_manifest(out).source
+    # the checkpoint's content id; the checkpoint file's sha256 (the id of older indexes) as a legacy id
+    assert backend.model_id == source["model_id"] and len(backend.model_id) == 64
+    assert backend.legacy_model_ids == (source["file_sha256"],) and source["file_sha256"] != backend.model_id
     caps = backend.capabilities()
     assert caps["name"] == "onnx" and caps["variant"] == "fp32" and caps["providers"] == ["CPUExecutionProvider"]
     backend.warmup()
 
 
 def test_missing_variant_provider_or_folder_give_clear_errors(exported, tmp_path):
-    _, out = exported("decoder")
+    _, out = exported("late")  # fp32 graphs only
     with pytest.raises(ExportError, match="has no 'int8' graphs"):
         OnnxBackend(out, variant="int8")
     with pytest.raises(MissingDependencyError, match="onnxruntime-gpu"):

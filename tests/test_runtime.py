@@ -1,6 +1,7 @@
 """Backends behind one interface: the PyTorch backend, the factory, lazy optional imports, parity."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -8,10 +9,11 @@ import textwrap
 import numpy as np
 import pytest
 
-from mimic_engine.checkpoint import save_checkpoint
+from mimic_engine.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from mimic_engine.errors import CheckpointError, ConfigError
 from mimic_engine.preprocess import Item
 from mimic_engine.runtime import BACKENDS, auto_candidates, find_checkpoint, load_backend
+from mimic_engine.runtime.export_format import Manifest, checkpoint_source, write_manifest
 from mimic_engine.runtime.torch_backend import TorchBackend
 from tests.conftest import make_image_bytes
 
@@ -66,7 +68,10 @@ def test_factory_loads_torch_from_a_checkpoint(ckpt, tiny_encoders):
         assert backend.name == "torch"
         np.testing.assert_allclose(backend.encode(items), expected, atol=1e-5)
     assert "checkpoint" in load_backend("auto", ckpt).selection_reason
-    assert load_backend("torch", ckpt).model_id == load_backend("torch-fp16", ckpt).model_id  # the file's sha256
+    torch_backend = load_backend("torch", ckpt)
+    # the content id of the checkpoint; the file's sha256 (what older indexes recorded) as a legacy id
+    assert torch_backend.model_id == load_checkpoint(ckpt).model_id == load_backend("torch-fp16", ckpt).model_id
+    assert torch_backend.legacy_model_ids == (file_sha256(ckpt),)
 
 
 def test_factory_errors_name_the_fix(ckpt, tmp_path):
@@ -98,9 +103,21 @@ def test_auto_preference_order(ckpt, tmp_path):
     gpu = [n for n, _ in auto_candidates(ckpt, "cuda")]
     assert gpu[0] == "torch-cuda" and gpu[-1] == "torch"
     assert [n for n, _ in auto_candidates(str(export_dir), "cuda")][0] == "tensorrt"
-    # an export dir naming its checkpoint in a metadata file lets the torch backends load it
+    # an export dir's manifest names its source checkpoint, which lets the torch backends load it;
+    # other JSON files in the folder are not consulted
     (export_dir / "meta.json").write_text(json.dumps({"checkpoint": ckpt}))
+    assert find_checkpoint(str(export_dir), required=False) is None
+    write_manifest(str(export_dir), Manifest(source=checkpoint_source(ckpt, str(export_dir), "id", "sha"),
+                                             fusion="decoder", opset=17, ranges={}))
     assert find_checkpoint(str(export_dir)) == ckpt
+    # a run folder exported at `before/` and then moved whole to `after/`: found beside the export
+    before, after = tmp_path / "before", tmp_path / "after"
+    (after / "model").mkdir(parents=True)
+    (after / "exp").mkdir()
+    shutil.copyfile(ckpt, after / "model" / "ckpt.pt")
+    source = checkpoint_source(str(before / "model" / "ckpt.pt"), str(before / "exp"), "id", "sha")
+    write_manifest(str(after / "exp"), Manifest(source=source, fusion="decoder", opset=17, ranges={}))
+    assert find_checkpoint(str(after / "exp")) == str(after / "model" / "ckpt.pt")
 
 
 def test_torch_backend_does_not_import_optional_runtimes(ckpt):
@@ -125,18 +142,13 @@ def test_torch_backend_does_not_import_optional_runtimes(ckpt):
     assert "onnx: " in out.stdout, out.stdout + out.stderr
 
 
-def test_all_present_backends_agree(ckpt, tmp_path):
+def test_all_present_backends_agree(ckpt, tiny_export):
     """torch vs every backend an export here produces (ONNX fp32 / optimized / int8), within the
-    export's own tolerances; TensorRT and CUDA graphs are covered where a GPU is (their own tests)."""
-    try:
-        from mimic_engine.export.parity import TOLERANCES
-        from mimic_engine.export.pipeline import ExportOptions, export_checkpoint
-    except ImportError as exc:
-        pytest.skip(f"the ONNX export module is not available ({exc}); nothing to compare torch against")
-    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed; the onnx backends cannot run")
-    export_dir = str(tmp_path / "export")
-    export_checkpoint(ckpt, ExportOptions(out_dir=export_dir, variants=("optimized", "int8"), tensorrt=False),
-                      log=lambda *a: None)
+    export's own tolerances; TensorRT and CUDA graphs are covered where a GPU is (their own tests).
+    The export is of another file holding the same model, so the ids agree too."""
+    from mimic_engine.export.parity import TOLERANCES
+
+    export_dir = tiny_export.out_dir
     items = mixed_items()
     reference = load_backend("torch", ckpt).encode(items)
     for name, variant in (("onnx", "fp32"), ("onnx-optimized", "optimized"), ("onnx-int8", "int8")):

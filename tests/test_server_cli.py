@@ -67,18 +67,17 @@ def test_no_arguments_serves_the_demo_model_on_the_demo_index(tiny_encoders, tmp
     monkeypatch.setenv("MIMIC_HOME", str(tmp_path / "home"))
     calls = []
 
-    def fake_train(argv):
-        calls.append(argv)
-        out = argv[argv.index("--out") + 1]
+    def fake_train(options, echo=None):
+        calls.append(options)
         enc = tiny_encoders("decoder")
-        return save_checkpoint(f"{out}/ckpt.pt", enc.model, enc.tokenizer, {"step": 1})
+        return save_checkpoint(f"{options.out}/ckpt.pt", enc.model, enc.tokenizer, {"step": 1})
 
-    monkeypatch.setattr("mimic_engine.training.train.main", fake_train)
+    monkeypatch.setattr("mimic_engine.training.run.run_training", fake_train)
     result = CliRunner().invoke(server_cli.serve_command, ["--backend", "torch"])
     assert result.exit_code == 0, result.output
     model_dir = tmp_path / "home" / "demo-model"
     # trained in a .partial folder, renamed into place only once training has finished
-    assert calls == [["--preset", "small", "--data", "demo", "--out", str(model_dir) + ".partial"]]
+    assert [(o.preset, o.data, o.out, o.resume) for o in calls] == [("small", "demo", str(model_dir) + ".partial", None)]
     assert (model_dir / "ckpt.pt").is_file() and not (tmp_path / "home" / "demo-model.partial").exists()
     assert "training one now" in result.output and "indexing the demo corpus" in result.output.lower()
     from mimic_engine.data import load_dataset
@@ -138,11 +137,13 @@ def test_interrupted_demo_training_resumes_instead_of_serving_a_half_trained_mod
     (partial / "last.pt").write_bytes(b"state")
     calls = []
 
-    def fake_train(argv):
-        calls.append(argv)
+    def fake_train(options, echo=None):
+        calls.append(options)
         return str(partial / "ckpt.pt")
 
-    monkeypatch.setattr("mimic_engine.training.train.main", fake_train)
-    ckpt = server_cli.ensure_demo_model()
-    assert calls and calls[0][-2:] == ["--resume", str(partial / "last.pt")]
+    monkeypatch.setattr("mimic_engine.training.run.run_training", fake_train)
+    from mimic_engine.server.bootstrap import ensure_demo_model
+
+    ckpt = ensure_demo_model()
+    assert calls and calls[0].resume == str(partial / "last.pt")
     assert ckpt == str(tmp_path / "home" / "demo-model" / "ckpt.pt")

@@ -1,6 +1,7 @@
 """TensorRT: the plain-Python parts everywhere (profiles, sidecars, compatibility, cache keys);
 engine building and the backend only where `import tensorrt` works and a GPU is visible."""
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -8,9 +9,9 @@ import pytest
 
 from mimic_engine.config import preset
 from mimic_engine.export.artifacts import Range, ShapeRanges
-from mimic_engine.export.tensorrt_build import (EngineMismatchError, EngineSidecar, Profile, ShapeOutOfProfileError,
-                                                availability, check_compatible, read_sidecar, select_profile,
-                                                stage_profiles, timing_cache_name, write_sidecar)
+from mimic_engine.export.tensorrt_build import availability, stage_profiles, timing_cache_name
+from mimic_engine.runtime.export_format import (EngineMismatchError, EngineSidecar, Profile, ShapeOutOfProfileError,
+                                                check_compatible, read_sidecar, select_profile, write_sidecar)
 
 SHA = "ab" * 32
 
@@ -58,7 +59,7 @@ def test_select_profile_picks_the_tightest_fitting_one():
 def make_sidecar(**kw):
     config, ranges = tiny_ranges()
     base = dict(stage="fusion", precision="fp16", tensorrt_version="10.8.0.43", gpu_name="NVIDIA H100 80GB HBM3",
-                compute_capability="9.0", checkpoint_sha256=SHA, onnx_file="fusion.fp16.onnx", onnx_sha256="cd" * 32,
+                compute_capability="9.0", model_id=SHA, onnx_file="fusion.fp16.onnx", onnx_sha256="cd" * 32,
                 profiles=[dataclasses.asdict(p) for p in stage_profiles(config, ranges, "fusion")])
     return EngineSidecar(**{**base, **kw})
 
@@ -69,7 +70,7 @@ def test_sidecar_round_trip_and_compatibility(tmp_path):
     side = read_sidecar(engine)
     assert side.tensorrt_version == "10.8.0.43" and side.profile_objects()[1].name == "throughput"
     check_compatible(side, SHA, "10.8.0.43", "NVIDIA H100 80GB HBM3", "9.0")  # same everything: accepted
-    with pytest.raises(EngineMismatchError, match="holds checkpoint abababababab, this export is ffffffffffff"):
+    with pytest.raises(EngineMismatchError, match="holds model abababababab, this export is ffffffffffff"):
         check_compatible(side, "f" * 64, "10.8.0.43", "NVIDIA H100 80GB HBM3", "9.0")
     with pytest.raises(EngineMismatchError, match="built with TensorRT 10.8.0.43, this is TensorRT 10.9.0.34"):
         check_compatible(side, SHA, "10.9.0.34", "NVIDIA H100 80GB HBM3", "9.0")
@@ -103,7 +104,7 @@ def test_export_without_tensorrt_says_what_it_skipped_and_why(tmp_path, tiny_enc
     if ok:
         pytest.skip("TensorRT and a GPU are available here; the skip path does not apply")
     from mimic_engine.checkpoint import save_checkpoint
-    from mimic_engine.export.artifacts import read_manifest
+    from mimic_engine.runtime.export_format import read_manifest
     from mimic_engine.export.pipeline import ExportOptions, export_checkpoint
 
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
@@ -129,7 +130,7 @@ def test_tensorrt_engine_matches_pytorch(tmp_path, tiny_encoders):
     if not ok:
         pytest.skip(f"TensorRT engine test needs TensorRT 10 and a CUDA GPU: {reason}")
     from mimic_engine.checkpoint import save_checkpoint
-    from mimic_engine.export.artifacts import read_manifest
+    from mimic_engine.runtime.export_format import read_manifest
     from mimic_engine.export.pipeline import ExportOptions, export_checkpoint
     from mimic_engine.preprocess import Item
     from mimic_engine.runtime.tensorrt_backend import TensorRTBackend
@@ -150,7 +151,7 @@ def test_tensorrt_engine_matches_pytorch(tmp_path, tiny_encoders):
     # an engine claiming another checkpoint is refused
     side = read_sidecar(os.path.join(out, manifest.tensorrt["engines"]["fusion"]))
     write_sidecar(os.path.join(out, manifest.tensorrt["engines"]["fusion"]),
-                  dataclasses.replace(side, checkpoint_sha256="0" * 64))
+                  dataclasses.replace(side, model_id="0" * 64))
     with pytest.raises(EngineMismatchError):
         TensorRTBackend(out)
 
@@ -273,7 +274,7 @@ def test_build_engine_uses_the_tensorrt10_api_and_writes_sidecar_and_cache(tmp_p
     _FakeTensorRT.calls = []
     model = tiny_encoders("decoder").model
     onnx_path = str(tmp_path / "fusion.onnx")
-    export_graph(model, "fusion", onnx_path, 17, {"checkpoint_sha256": SHA})
+    export_graph(model, "fusion", onnx_path, 17, {"model_id": SHA})
     config, ranges = tiny_ranges()
     profiles = stage_profiles(config, ranges, "fusion")
     engine = str(tmp_path / "tensorrt" / "fusion.plan")
@@ -288,7 +289,7 @@ def test_build_engine_uses_the_tensorrt10_api_and_writes_sidecar_and_cache(tmp_p
     cache = tmp_path / "tensorrt" / timing_cache_name("10.8.0.43", "NVIDIA H100 80GB HBM3", "9.0")
     assert cache.read_bytes() == b"timing-cache" and side.timing_cache == cache.name
     stored = read_sidecar(engine)
-    assert stored.checkpoint_sha256 == SHA and stored.tensorrt_version == "10.8.0.43"
+    assert stored.model_id == SHA and stored.tensorrt_version == "10.8.0.43"
     assert stored.inputs == [{"name": "input_ids", "dtype": "int64", "shape": [-1, -1]}]
     assert [p.name for p in stored.profile_objects()] == ["latency", "throughput"]
     # a second build reads the cache it wrote
@@ -297,3 +298,15 @@ def test_build_engine_uses_the_tensorrt10_api_and_writes_sidecar_and_cache(tmp_p
                                 log=lambda *_: None)
     assert ("timing_cache_in", b"timing-cache") in _FakeTensorRT.calls
     assert not any(c[0] == "clear_flag" for c in _FakeTensorRT.calls)  # fp16: the graph's types decide
+
+
+def test_a_sidecar_of_a_format_1_export_is_read_with_its_checkpoint_sha256_as_the_model_id(tmp_path):
+    engine = str(tmp_path / "fusion.plan")
+    write_sidecar(engine, make_sidecar())
+    path = engine + ".json"
+    data = json.load(open(path))
+    data["checkpoint_sha256"] = data.pop("model_id")  # how format-1 exports wrote it
+    json.dump(data, open(path, "w"))
+    side = read_sidecar(engine)
+    assert side.model_id == SHA
+    check_compatible(side, SHA, "10.8.0.43", "NVIDIA H100 80GB HBM3", "9.0")

@@ -17,35 +17,16 @@ import time
 import numpy as np
 import torch
 
-from mimic_engine.checkpoint import read_checkpoint, save_checkpoint
-from mimic_engine.config import preset
+from mimic_engine.checkpoint import save_checkpoint, update_checkpoint_meta
+from mimic_engine.device import resolve_device
 from mimic_engine.encoder import MimicEncoder
 from mimic_engine.errors import CheckpointError, ConfigError
 from mimic_engine.modeling import build_model
 from mimic_engine.preprocess import load_tokenizer
 
 from .losses import contrastive_loss
-from .options import TrainOptions
-from .sampling import QueryStream, StrategySettings, make_batch
-
-# Per-preset defaults for options the user did not set. `small` is sized so that
-# `python training/train.py --preset small` (demo corpus, 2 CPU cores) ends within 5 minutes.
-DEFAULTS = {"max_minutes": None, "eval_every": 100, "patience": 5, "freeze": []}
-PRESET_TRAIN_DEFAULTS = {
-    "tiny": {},
-    # The pretrained MiniLM text tower is frozen: fine-tuning it costs ~5x per step on a CPU while
-    # the vision tower (from scratch), the projector and the fusion decoder are what must learn.
-    "small": {"max_minutes": 3.0, "eval_every": 60, "patience": 8, "freeze": ["text"]},
-    "base": {},
-}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} but CUDA is not available here; use --device cpu")
-    return torch.device(name)
+from .options import ResolvedTraining, TrainOptions, resolve_options
+from .sampling import QueryStream, make_batch
 
 
 def seed_everything(seed: int) -> None:
@@ -64,7 +45,8 @@ def git_commit() -> str | None:
 
 
 def param_groups(model, opts: TrainOptions):
-    """Pretrained weights get `lr`, weights trained from scratch get `lr_new`; no decay on biases/norms/scale."""
+    """Pretrained weights get `lr`, weights trained from scratch get `lr_new`; no decay on biases/norms/scale.
+    `opts` are resolved options (`resolve_options(...).options`: `freeze` decided)."""
     cfg = model.config
     pretrained_prefixes = []
     if cfg.text.pretrained and not cfg.random_init:
@@ -117,41 +99,23 @@ def load_hard_negatives(path: str | None) -> dict | None:
 
 
 class Trainer:
-    def __init__(self, opts: TrainOptions):
-        for key, value in {**DEFAULTS, **PRESET_TRAIN_DEFAULTS[opts.preset]}.items():
-            if getattr(opts, key) is None:  # not set on the command line or in a config file
-                setattr(opts, key, value)
-        self.opts = opts
-        self.device = resolve_device(opts.device)
+    """Trains the model of `run.config` with the resolved options `run.options` (see training/options.py).
+    Given plain TrainOptions, it resolves them first (into new objects; the caller's stay as they are)."""
+
+    def __init__(self, run: ResolvedTraining | TrainOptions):
+        if isinstance(run, TrainOptions):
+            run = resolve_options(run)
+        self.run = run
+        self.opts = opts = run.options
+        self.config = run.config
+        self.device = torch.device(resolve_device(opts.device))
         seed_everything(opts.seed)
         from mimic_engine.data import load_dataset
 
         self.dataset = load_dataset(opts.data, opts.data_dir)
-        overrides = {}
-        if opts.caption_dropout is not None:
-            overrides["strategy.caption_dropout"] = opts.caption_dropout
-        if opts.mixin is not None:
-            overrides["strategy.mixin_ratio"] = opts.mixin
-        if opts.caption_dropout_queries is not None:
-            overrides["strategy.caption_dropout_queries"] = opts.caption_dropout_queries
-        if opts.text_model:
-            overrides["text.pretrained"] = opts.text_model
-        if opts.tokenizer or opts.text_model:
-            overrides["text.tokenizer"] = opts.tokenizer or opts.text_model
-        if opts.vision_model:
-            overrides["vision.pretrained"] = opts.vision_model
-        if opts.random_init:
-            overrides["random_init"] = True
-        self.config = preset(opts.preset, opts.fusion, **overrides)
         self.model = build_model(self.config).to(self.device)
         self.tokenizer = load_tokenizer(self.config)
         self.encoder = MimicEncoder(self.model, self.tokenizer, self.device)
-        self.strategy = StrategySettings(
-            caption_dropout=self.config.strategy.caption_dropout,
-            caption_dropout_queries=self.config.strategy.caption_dropout_queries,
-            mixin=self.config.strategy.mixin_ratio,
-            hard_negatives=opts.hard_negatives is not None,
-        )
         self.hard_negatives = load_hard_negatives(opts.hard_negatives)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, opts))
         if "text" in opts.freeze and opts.fusion != "early":
@@ -169,6 +133,7 @@ class Trainer:
         self.best_step = 0
         self.evals_without_gain = 0
         self.elapsed = 0.0
+        self.stop_reason = None  # set by fit(): "steps", "time budget" or "early stopping"
         os.makedirs(opts.out, exist_ok=True)
         self.log_path = os.path.join(opts.out, "metrics.jsonl")
         if opts.resume:
@@ -180,7 +145,7 @@ class Trainer:
     def meta(self, **extra) -> dict:
         return {"step": self.step, "seed": self.opts.seed, "commit": git_commit(), "data": self.opts.data,
                 "train_options": self.opts.to_dict(), "best_dev_select_mrr10": self.best,
-                "select_keep": self.opts.select_keep, **extra}
+                "select_keep": list(self.opts.select_keep), **extra}
 
     def _save_last(self) -> None:
         state = {
@@ -229,7 +194,8 @@ class Trainer:
         totals = {"loss": 0.0, "acc": 0.0}
         stats_sum: dict = {}
         for _ in range(opts.grad_accum):
-            batch = make_batch(self.stream.take(opts.batch_size), self.dataset, self.rng, self.strategy, self.hard_negatives)
+            batch = make_batch(self.stream.take(opts.batch_size), self.dataset, self.rng, self.config.strategy,
+                               self.hard_negatives)
             pre = self.encoder.preprocessor
             q_in = pre.collate(batch.query_items).to(self.device)
             c_in = pre.collate(batch.candidate_items).to(self.device)
@@ -295,7 +261,7 @@ class Trainer:
         self.log({"step": self.step, "elapsed_s": round(self.elapsed, 2), "dev": res["results"], "select": mrr,
                   "best": self.best})
         self._save_last()
-        return self.evals_without_gain >= self.opts.patience
+        return self.opts.patience > 0 and self.evals_without_gain >= self.opts.patience
 
     # ---- the loop ---------------------------------------------------------------------------------
     def fit(self) -> str:
@@ -324,12 +290,15 @@ class Trainer:
         bar.close()
         if self.step % opts.eval_every != 0 and stop_reason != "early stopping":
             self.maybe_evaluate()  # the last steps since the previous evaluation
-        self.log({"event": "stopped", "reason": stop_reason, "step": self.step, "best_step": self.best_step})
+        self.stop_reason = stop_reason
+        self.log({"event": "stopped", "reason": stop_reason, "step": self.step, "best_step": self.best_step,
+                  "elapsed_s": round(self.elapsed, 2)})
         return os.path.join(opts.out, "ckpt.pt")
 
 
 def final_report(ckpt_path: str, opts: TrainOptions, dataset=None) -> dict:
-    """Evaluate the best checkpoint on dev and test at every caption-keep rate, with diagnostics."""
+    """Evaluate the best checkpoint on dev and test at every caption-keep rate, with diagnostics.
+    `opts`: the run's (resolved) options."""
     from mimic_engine.evaluate import diagnostics, evaluate
 
     encoder = MimicEncoder.from_checkpoint(ckpt_path, resolve_device(opts.device))
@@ -343,9 +312,5 @@ def final_report(ckpt_path: str, opts: TrainOptions, dataset=None) -> dict:
             report[split] = evaluate(encoder, dataset, split, caption_keep=tuple(opts.final_caption_keep),
                                      seed=opts.seed, batch_size=opts.eval_batch_size)
     report["diagnostics"] = diagnostics(encoder, dataset, seed=opts.seed)
-    payload = read_checkpoint(ckpt_path)
-    payload["meta"]["final_metrics"] = {s: report[s]["results"] for s in ("dev", "test") if s in report}
-    tmp = ckpt_path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, ckpt_path)
+    update_checkpoint_meta(ckpt_path, {"final_metrics": {s: report[s]["results"] for s in ("dev", "test") if s in report}})
     return report

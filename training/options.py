@@ -1,23 +1,46 @@
-"""Training options: defaults < config file (JSON or TOML) < command line.
+"""Training options and their one resolution step.
 
-Every option is plain data and is saved in the checkpoint's `meta["train_options"]`.
+    options = TrainOptions(preset="small", fusion="late")     # what was asked (defaults < config file < flags)
+    run = resolve_options(options)                            # -> ResolvedTraining (immutable)
+    run.options.eval_every, run.config.strategy.mixin         # every value decided, nothing left None
+
+A `TrainOptions` field that is None means "the preset decides": the preset's training defaults are
+`PRESET_DEFAULTS` below, MiMIC's strategies (caption dropout, mix-in, query caption dropout) are
+the defaults of `mimic_engine.config.TrainingStrategy`. `resolve_options` fills them in once, into a
+new object: the caller's options are never changed. The model and the sampler read the strategies
+from `config.strategy`; the resolved options carry the same values so that the checkpoint's
+`meta["train_options"]` records what was run.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from mimic_engine.config import FUSIONS, PRESETS
+from mimic_engine.config import FUSIONS, PRESETS, MimicConfig, TrainingStrategy, preset
+from mimic_engine.data import KINDS as DATA_KINDS
+from mimic_engine.device import check_device
 from mimic_engine.errors import ConfigError, choice
+from mimic_engine.evaluate import DEFAULT_KEEP_RATES
 
-DATA_KINDS = ("demo", "webqa", "evqa", "jsonl")
 FREEZABLE = ("vision", "text")
 
+# What each preset sets for the options left None. `small` is sized so that a default run
+# (demo corpus, 2 CPU cores) ends within 5 minutes. Its pretrained MiniLM text tower is frozen:
+# fine-tuning it costs ~5x per step on a CPU while the vision tower (from scratch), the projector
+# and the fusion decoder are what must learn.
+_COMMON_DEFAULTS = {"max_minutes": None, "eval_every": 100, "patience": 5, "freeze": ()}
+PRESET_DEFAULTS = {
+    "tiny": dict(_COMMON_DEFAULTS),
+    "small": {**_COMMON_DEFAULTS, "max_minutes": 3.0, "eval_every": 60, "patience": 8, "freeze": ("text",)},
+    "base": dict(_COMMON_DEFAULTS),
+}
+STRATEGY_FIELDS = tuple(f.name for f in dataclasses.fields(TrainingStrategy))  # caption_dropout, ...
+_TUPLE_FIELDS = ("freeze", "select_keep", "final_caption_keep")
 
-@dataclass
+
+@dataclass(frozen=True)
 class TrainOptions:
     preset: str = "small"
     fusion: str = "decoder"
@@ -31,52 +54,63 @@ class TrainOptions:
     vision_model: str | None = None  # local CLIP vision folder
     tokenizer: str | None = None  # local tokenizer folder (default: text_model)
     random_init: bool = False
-    # MiMIC's strategies (None = the preset's default, see mimic_engine.config.TrainingStrategy)
-    caption_dropout: float | None = None
-    mixin: float | None = None
-    caption_dropout_queries: bool | None = None
+    # MiMIC's strategies; None = mimic_engine.config.TrainingStrategy's default
+    caption_dropout: float | None = None  # P(drop an image item's caption); 0 disables
+    mixin: float | None = None  # unimodal views per multimodal positive; 0 disables
+    caption_dropout_queries: bool | None = None  # image+text queries lose their text with the same P
     # optimisation
     batch_size: int = 32  # queries per step; candidates = their positives + mix-in views + hard negatives
     grad_accum: int = 1
     steps: int = 2000  # upper bound; `max_minutes` usually ends a CPU run first
-    max_minutes: float | None = None  # wall-clock budget of the loop (dev evaluations included, final report not)
+    max_minutes: float | None = None  # wall-clock budget of the loop (dev evaluations included); 0 = none
     lr: float = 5e-5  # pretrained weights
     lr_new: float = 5e-4  # weights trained from scratch (vision tower of `small`, projector, decoder, heads)
     weight_decay: float = 0.01
     warmup: float = 0.06  # fraction of steps
     grad_clip: float = 1.0
-    freeze: list | None = None  # subset of FREEZABLE; None = the preset's default (training/loop.py); [] = none
+    freeze: tuple | None = None  # subset of FREEZABLE; () = none
     amp: bool = True  # autocast on CUDA (bf16 where supported, else fp16 with a grad scaler)
     # hard negatives: a mined file (WebQA query lines with "all_negFacts"), 1 image + 1 text per query
     hard_negatives: str | None = None
     # evaluation / selection
-    eval_every: int | None = None  # None = the preset's default (training/loop.py)
+    eval_every: int | None = None
     eval_max_queries: int | None = None
-    patience: int | None = None  # evaluations without improvement of the selection metric before stopping
+    patience: int | None = None  # evaluations without improvement of the selection metric before stopping; 0 = never
     # Model selection and early stopping: dev MRR@10 averaged over these caption-keep rates. The
     # default includes 0.0 so that a model is not selected for ignoring its images (same rule for
     # every fusion); pass 1.0 alone for selection with captions only.
-    select_keep: list = field(default_factory=lambda: [1.0, 0.0])
-    final_caption_keep: list = field(default_factory=lambda: [1.0, 0.5, 0.0])
+    select_keep: tuple = (1.0, 0.0)
+    final_caption_keep: tuple = DEFAULT_KEEP_RATES
     eval_batch_size: int = 128
     resume: str | None = None  # a last.pt written by an earlier run
     progress: bool = True
+
+    def __post_init__(self):
+        for name in _TUPLE_FIELDS:  # lists from JSON/TOML become tuples: the options stay immutable
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                if isinstance(value, str) or not hasattr(value, "__iter__"):
+                    raise ConfigError(f"{name}={value!r} must be a list of values")
+                object.__setattr__(self, name, tuple(value))
 
     def validate(self) -> "TrainOptions":
         choice("preset", self.preset, PRESETS)
         choice("fusion", self.fusion, FUSIONS)
         choice("data", self.data, DATA_KINDS)
-        for f in self.freeze or []:
+        check_device(self.device)
+        for f in self.freeze or ():
             choice("freeze", f, FREEZABLE)
-        for name in ("batch_size", "grad_accum", "steps", "eval_every"):
+        for name in ("batch_size", "grad_accum", "steps", "eval_every", "eval_batch_size", "eval_max_queries"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be >= 1")
         if self.batch_size < 2:
             raise ConfigError("batch_size must be >= 2: in-batch negatives need other queries")
-        for name in ("caption_dropout",):
-            v = getattr(self, name)
-            if v is not None and not 0.0 <= v <= 1.0:
-                raise ConfigError(f"{name}={v} must be in [0, 1]")
+        if self.patience is not None and self.patience < 0:
+            raise ConfigError(f"patience={self.patience} must be >= 0 (0 = no early stopping)")
+        if self.max_minutes is not None and self.max_minutes < 0:
+            raise ConfigError(f"max_minutes={self.max_minutes} must be >= 0 (0 = no time budget)")
+        if self.caption_dropout is not None and not 0.0 <= self.caption_dropout <= 1.0:
+            raise ConfigError(f"caption_dropout={self.caption_dropout} must be in [0, 1]")
         if self.mixin is not None and not 0.0 <= self.mixin <= 10.0:
             raise ConfigError(f"mixin={self.mixin} must be in [0, 10] (expected unimodal views per multimodal positive)")
         for r in list(self.final_caption_keep) + list(self.select_keep):
@@ -85,10 +119,47 @@ class TrainOptions:
         return self
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain data (lists, not tuples), as saved in checkpoints and read back by `from_dict`."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "options") -> "TrainOptions":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown} in {where}; known: {sorted(known)}")
+        return cls(**data).validate()
+
+
+@dataclass(frozen=True)
+class ResolvedTraining:
+    """The outcome of `resolve_options`: every option decided, and the model to build."""
+
+    options: TrainOptions  # no None left where the preset or TrainingStrategy decides
+    config: MimicConfig  # config.strategy: caption dropout, mix-in, query caption dropout
+
+
+def resolve_options(options: TrainOptions) -> ResolvedTraining:
+    """Options + the preset's defaults -> ResolvedTraining. Returns new objects; `options` is unchanged."""
+    options.validate()
+    preset_defaults = {k: v for k, v in PRESET_DEFAULTS[options.preset].items() if getattr(options, k) is None}
+    overrides = {f"strategy.{name}": getattr(options, name) for name in STRATEGY_FIELDS
+                 if getattr(options, name) is not None}
+    if options.text_model:
+        overrides["text.pretrained"] = options.text_model
+    if options.tokenizer or options.text_model:
+        overrides["text.tokenizer"] = options.tokenizer or options.text_model
+    if options.vision_model:
+        overrides["vision.pretrained"] = options.vision_model
+    if options.random_init:
+        overrides["random_init"] = True
+    config = preset(options.preset, options.fusion, **overrides)
+    strategy = {name: getattr(config.strategy, name) for name in STRATEGY_FIELDS}
+    return ResolvedTraining(dataclasses.replace(options, **preset_defaults, **strategy), config)
 
 
 def load_config_file(path: str) -> dict:
+    """A JSON or TOML file of option names (underscores) -> dict; unknown names are an error."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
     with open(path, "rb") as fh:
@@ -96,75 +167,19 @@ def load_config_file(path: str) -> dict:
     if path.endswith(".toml"):
         import tomllib
 
-        data = tomllib.loads(raw.decode())
+        try:
+            data = tomllib.loads(raw.decode())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path!r} is not valid TOML ({exc})") from exc
     else:
         try:
             data = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"config file {path!r} is not valid JSON ({exc}); use .json or .toml") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold an object of option names, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(TrainOptions)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown} in {path!r}; known: {sorted(known)}")
     return data
-
-
-def _floats(text: str) -> list:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1.0,0.5,0.0, got {text!r}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python training/train.py",
-        description="Train MiMIC (fusion-in-decoder) or the early/late fusion baselines; writes OUT/ckpt.pt (best dev MRR@10).",
-    )
-    p.add_argument("--config", help="JSON or TOML file of options; command-line flags override it")
-    p.add_argument("--preset", choices=PRESETS)
-    p.add_argument("--fusion", choices=FUSIONS)
-    p.add_argument("--data", choices=DATA_KINDS)
-    p.add_argument("--data-dir")
-    p.add_argument("--out")
-    p.add_argument("--device")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--text-model", help="local from_pretrained folder of the text backbone (T5 / BERT)")
-    p.add_argument("--vision-model", help="local from_pretrained folder of the CLIP vision backbone")
-    p.add_argument("--tokenizer", help="local tokenizer folder (default: --text-model)")
-    p.add_argument("--random-init", action="store_const", const=True, help="random backbone weights (benchmarks)")
-    p.add_argument("--caption-dropout", type=float, help="P(drop an image item's caption); 0 disables")
-    p.add_argument("--mixin", type=float, help="unimodal views per multimodal positive; 0 disables")
-    p.add_argument("--no-query-caption-dropout", dest="caption_dropout_queries", action="store_const", const=False)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--grad-accum", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--max-minutes", type=float)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--lr-new", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--warmup", type=float)
-    p.add_argument("--grad-clip", type=float)
-    p.add_argument("--freeze", action="append", choices=FREEZABLE + ("none",),
-                   help="freeze a tower (repeatable); 'none' trains everything (default: the preset's choice)")
-    p.add_argument("--no-amp", dest="amp", action="store_const", const=False)
-    p.add_argument("--hard-negatives", help="mined file from `python training/mine.py`")
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--eval-max-queries", type=int)
-    p.add_argument("--patience", type=int)
-    p.add_argument("--select-keep", type=_floats, help="caption-keep rates whose mean dev MRR@10 selects the checkpoint")
-    p.add_argument("--caption-keep", dest="final_caption_keep", type=_floats)
-    p.add_argument("--eval-batch-size", type=int)
-    p.add_argument("--resume", help="continue from OUT/last.pt of an earlier run")
-    p.add_argument("--no-progress", dest="progress", action="store_const", const=False)
-    return p
-
-
-def parse_options(argv: list[str] | None) -> TrainOptions:
-    args = vars(build_parser().parse_args(argv))
-    merged = load_config_file(args.pop("config")) if args.get("config") else {}
-    args.pop("config", None)
-    if args.get("freeze"):
-        args["freeze"] = [f for f in args["freeze"] if f != "none"]
-    merged.update({k: v for k, v in args.items() if v is not None})
-    return TrainOptions(**merged).validate()

@@ -4,15 +4,18 @@ One step samples `B` training queries. Each query contributes one *row* (the que
 one of its positives (a *candidate*). The candidates of all rows are every row's negatives.
 
 Random caption dropout (MiMIC): each image document that has a caption loses it with probability
-`p` (default 0.5; positives and hard negatives alike), so the model has to find the answer in the pixels. With
+`p` (positives and hard negatives alike), so the model has to find the answer in the pixels. With
 `caption_dropout_queries`, an image query (image + text, e.g. EVQA) loses its text with the same p.
 
 Single-modality mix-in (MiMIC), exact formulation used here: for every positive that is still
 multimodal after dropout (image + caption), add `n = floor(r) + Bernoulli(r - floor(r))` unimodal
 views of it, alternating image-only / caption-only starting from a random one. Each view is a new
 candidate and a new row `(same query -> that view)`, so image-only and caption-only versions of a
-document are both pulled to the query and hence towards each other. `r` is `mixin` (default 1.0:
-one view per multimodal positive).
+document are both pulled to the query and hence towards each other. `r` is `mixin` (1.0: one view
+per multimodal positive).
+
+`p`, `caption_dropout_queries` and `r` are the model's `config.strategy` (mimic_engine.config.TrainingStrategy,
+where their defaults live), so a checkpoint says how it was trained.
 
 Hard negatives (MARVEL/UniVL-DR "modality-balanced"): 1 image + 1 text document per query, drawn
 from the query's mined list (`all_negFacts`), added as extra candidates.
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mimic_engine.config import TrainingStrategy
 from mimic_engine.data.types import Document, Query, RetrievalDataset
 from mimic_engine.preprocess import Item
 
@@ -42,14 +46,6 @@ class TrainingBatch:
     stats: dict = field(default_factory=dict)
 
 
-@dataclass
-class StrategySettings:
-    caption_dropout: float
-    caption_dropout_queries: bool
-    mixin: float
-    hard_negatives: bool
-
-
 def _doc_item(doc: Document, dataset: RetrievalDataset, keep_caption: bool) -> Item:
     return doc.to_item(dataset.images, keep_caption=keep_caption)
 
@@ -58,8 +54,10 @@ def _is_multimodal(doc: Document, keep_caption: bool) -> bool:
     return doc.modality == "image" and bool(doc.image_ids) and keep_caption and bool(doc.text and doc.text.strip())
 
 
-def make_batch(queries: list[Query], dataset: RetrievalDataset, rng: random.Random, s: StrategySettings,
+def make_batch(queries: list[Query], dataset: RetrievalDataset, rng: random.Random, s: TrainingStrategy,
                hard_negatives: dict[str, list[str]] | None = None) -> TrainingBatch:
+    """One step's batch. `s` is the model's `config.strategy`; `hard_negatives` (query id -> mined
+    document ids, see `load_hard_negatives`) adds the modality-balanced negatives, None = none."""
     rows_q: list[Query] = []
     query_items, cand_items, cand_doc_ids, targets = [], [], [], []
     stats = {"captions_dropped": 0, "captions_seen": 0, "mixin_views": 0, "hard_negatives": 0, "query_text_dropped": 0}
@@ -106,7 +104,7 @@ def make_batch(queries: list[Query], dataset: RetrievalDataset, rng: random.Rand
                 view = first if k % 2 == 0 else ("caption" if first == "image" else "image")
                 add_row(q, q_item, add_candidate(pos, True, view))
                 stats["mixin_views"] += 1
-        if s.hard_negatives and hard_negatives:
+        if hard_negatives:
             mined = [d for d in hard_negatives.get(q.id, q.hard_negatives) if d not in set(q.positives) and dataset.has_doc(d)]
             for modality in ("image", "text"):
                 pool = [d for d in mined if dataset.doc(d).modality == modality]

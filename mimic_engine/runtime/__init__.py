@@ -5,7 +5,7 @@
 
 Backends and what they need:
 
-    torch, torch-fp16        a ckpt.pt (or an export dir holding one); CPU or CUDA
+    torch, torch-fp16        a ckpt.pt (or an export dir, whose manifest names its ckpt.pt); CPU or CUDA
     onnx, onnx-optimized,    an export dir (`mimic-engine export`); onnxruntime
       onnx-int8
     tensorrt                 an export dir with a TensorRT engine; tensorrt + a CUDA GPU
@@ -16,11 +16,10 @@ affects the onnx backends and nothing else.
 """
 from __future__ import annotations
 
-import glob
-import json
 import logging
 import os
 
+from ..device import resolve_device
 from ..errors import CheckpointError, ConfigError
 from .base import Backend
 
@@ -68,16 +67,6 @@ def load_backend(name: str, model: str, device: str = "cpu", threads: int | None
     raise ConfigError(f"no backend could load {model!r} on {device}: " + "; ".join(errors))
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
-        raise ConfigError(f"device {device!r} is not supported; use 'cpu', 'cuda', 'cuda:N' or 'auto'")
-    return device
-
-
 def auto_candidates(model: str, device: str) -> list[tuple[str, str]]:
     """(backend, reason) in order of preference for this model and hardware."""
     is_export = os.path.isdir(model)
@@ -99,27 +88,21 @@ def auto_candidates(model: str, device: str) -> list[tuple[str, str]]:
 
 
 def find_checkpoint(model: str, required: bool = True) -> str | None:
-    """The ckpt.pt behind `model`: the file itself, or the one an export directory holds or names."""
+    """The ckpt.pt behind `model`: the file itself, or the checkpoint an export directory's manifest
+    names as its source (`export_format.source_checkpoint`)."""
+    from .export_format import ExportError, source_checkpoint
+
     if os.path.isfile(model):
         return model
-    candidates = [os.path.join(model, "ckpt.pt")]
-    for meta_path in sorted(glob.glob(os.path.join(model, "*.json"))):
-        try:
-            with open(meta_path) as fh:
-                meta = json.load(fh)
-        except (OSError, ValueError):
-            continue
-        for key in ("checkpoint", "source_checkpoint", "ckpt"):
-            value = meta.get(key) if isinstance(meta, dict) else None
-            if isinstance(value, str):
-                candidates.append(value if os.path.isabs(value) else os.path.join(model, value))
-    for path in candidates:
-        if os.path.isfile(path):
-            return path
-    if required:
-        raise CheckpointError(f"{model!r} is a directory without a ckpt.pt (looked for {candidates}); the PyTorch "
-                              "backends need the training checkpoint: pass the ckpt.pt itself")
-    return None
+    try:
+        found = source_checkpoint(model)
+        why = "its manifest's source checkpoint is no longer there"
+    except ExportError as exc:  # not an export directory (or a broken one)
+        found, why = None, str(exc)
+    if found is None and required:
+        raise CheckpointError(f"{model!r} leads to no ckpt.pt ({why}); the PyTorch backends need the training "
+                              "checkpoint: pass the ckpt.pt itself")
+    return found
 
 
 def _onnx_has_cuda() -> bool:

@@ -22,9 +22,11 @@ from ..preprocess import Item, Preprocessor
 class Backend(ABC):
     name: str = "abstract"
 
-    def __init__(self, preprocessor: Preprocessor, model_id: str, dim: int):
+    def __init__(self, preprocessor: Preprocessor, model_id: str, dim: int, legacy_model_ids: tuple = ()):
         self.preprocessor = preprocessor
-        self.model_id = model_id  # checkpoint sha256 (or "random:<preset>:<fusion>")
+        self.model_id = model_id  # the model's content id (checkpoint.model_content_id), or "random:<preset>:<fusion>"
+        # older ids of the same model that indexes may hold: the checkpoint file's sha256
+        self.legacy_model_ids = tuple(i for i in legacy_model_ids if i and i != model_id)
         self.dim = dim
 
     # ---- stages: torch tensors in, torch tensors out (CPU or the backend's device) ----------------
@@ -68,7 +70,7 @@ class Backend(ABC):
         self.encode([Item(text="warm up"), Item(text="warm up", images=[img])])
 
     def capabilities(self) -> dict:
-        return {"name": self.name, "dim": self.dim, "model_id": self.model_id}
+        return {"name": self.name, "dim": self.dim, "model_id": self.model_id, "legacy_model_ids": list(self.legacy_model_ids)}
 
     def close(self) -> None:
         pass

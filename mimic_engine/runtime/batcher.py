@@ -1,6 +1,6 @@
 """Dynamic batching: concurrent requests are coalesced into model batches.
 
-    batcher = DynamicBatcher(backend, max_batch=32, max_batch_tokens=4096, max_wait_ms=5, max_queue=1024)
+    batcher = DynamicBatcher(backend, max_batch_tokens=4096)   # the other limits: the DEFAULT_* values below
     result = batcher.encode(items, role="query")   # from any thread; blocks until done
     result.vectors  # (N, E) float32, in input order;  result.truncated: [bool] * N
 
@@ -42,6 +42,12 @@ from ..preprocess import Item, Preprocessor
 from .base import Backend
 
 ROLES = ("query", "document")
+
+# The batching knobs' defaults (the server's settings read them from here).
+DEFAULT_MAX_BATCH = 32  # items per model batch
+DEFAULT_MAX_BATCH_TOKENS = 8192  # padded (text + visual) tokens per model batch
+DEFAULT_MAX_WAIT_MS = 5.0  # how long the first item of a batch waits for company
+DEFAULT_MAX_QUEUE = 1024  # items admitted at once; beyond it requests get QueueFullError (HTTP 503)
 
 
 class QueueFullError(MimicError):
@@ -132,8 +138,8 @@ BatchObserver = Callable[[int, int, float], None]  # (items, padded tokens, seco
 class _EncoderBase:
     """What both modes share: checked arguments, preparation, admission control."""
 
-    def __init__(self, backend: Backend, max_batch: int = 32, max_batch_tokens: int = 8192, max_queue: int = 1024,
-                 observer: BatchObserver | None = None):
+    def __init__(self, backend: Backend, max_batch: int = DEFAULT_MAX_BATCH, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                 max_queue: int = DEFAULT_MAX_QUEUE, observer: BatchObserver | None = None):
         for name, value in (("max_batch", max_batch), ("max_batch_tokens", max_batch_tokens), ("max_queue", max_queue)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
@@ -247,8 +253,9 @@ class DirectEncoder(_EncoderBase):
 class DynamicBatcher(_EncoderBase):
     batching = True
 
-    def __init__(self, backend: Backend, max_batch: int = 32, max_batch_tokens: int = 8192, max_wait_ms: float = 5.0,
-                 max_queue: int = 1024, observer: BatchObserver | None = None):
+    def __init__(self, backend: Backend, max_batch: int = DEFAULT_MAX_BATCH, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                 max_wait_ms: float = DEFAULT_MAX_WAIT_MS, max_queue: int = DEFAULT_MAX_QUEUE,
+                 observer: BatchObserver | None = None):
         super().__init__(backend, max_batch, max_batch_tokens, max_queue, observer)
         if not 0 <= max_wait_ms <= 10_000:
             raise ConfigError(f"max_wait_ms={max_wait_ms!r} must be in [0, 10000]")

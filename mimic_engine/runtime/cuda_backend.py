@@ -266,6 +266,7 @@ class CudaGraphBackend(Backend):
     name = "torch-cuda"
 
     def __init__(self, model, tokenizer, device: str | torch.device = "cuda", model_id: str | None = None, *,
+                 legacy_model_ids: tuple = (),
                  dtype: str = "fp16", wo_dtype: str = "fp32", buckets: Buckets | None = None, kernels: bool = True,
                  attention: str = "auto", graphs: bool = True, allow_tf32: bool = True, copy_model: bool = True,
                  max_batch: int = 64):
@@ -309,7 +310,7 @@ class CudaGraphBackend(Backend):
         self._captured: dict = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         model_id = model_id or f"random:{config.preset or 'custom'}:{config.fusion.fusion}"
-        super().__init__(Preprocessor(config, tokenizer), model_id, model.embed_dim)
+        super().__init__(Preprocessor(config, tokenizer), model_id, model.embed_dim, legacy_model_ids)
 
     # ---- constructors ----------------------------------------------------------------------------
     @classmethod
@@ -317,12 +318,14 @@ class CudaGraphBackend(Backend):
         from ..checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(path, "cpu")
-        return cls(ckpt.model, ckpt.tokenizer, device, model_id=ckpt.sha256, copy_model=False, **options)
+        return cls(ckpt.model, ckpt.tokenizer, device, model_id=ckpt.model_id, legacy_model_ids=ckpt.legacy_ids,
+                   copy_model=False, **options)
 
     @classmethod
     def from_encoder(cls, encoder, device: str = "cuda", **options) -> "CudaGraphBackend":
         """From a MimicEncoder (its model is copied, not changed)."""
-        return cls(encoder.model, encoder.tokenizer, device, model_id=encoder.model_id, **options)
+        return cls(encoder.model, encoder.tokenizer, device, model_id=encoder.model_id,
+                   legacy_model_ids=encoder.legacy_model_ids, **options)
 
     # ---- the functions that are captured ---------------------------------------------------------
     def _vision_fn(self, pixel_values):

@@ -21,6 +21,7 @@ import torch
 from ..errors import ConfigError, MissingDependencyError, choice, require
 from ..preprocess import Preprocessor
 from .base import Backend
+from .export_format import VARIANTS, ExportError, graph_model_id, load_export_config, read_manifest
 
 INSTALL = "pip install 'mimic-engine[export]'  (or: pip install onnxruntime)"
 GPU_INSTALL = "pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
@@ -35,9 +36,6 @@ class OnnxBackend(Backend):
         worker threads from busy-waiting after a run (fair benchmarks next to other work on few
         cores; spinning lowers latency when ONNX Runtime has the cores to itself).
         `allow_incomplete` is for the exporter's own parity step, which runs before the manifest is final."""
-        from mimic_engine.export.artifacts import (METADATA_PREFIX, VARIANTS, ExportError, load_export_config,
-                                                   read_manifest)
-
         ort = require("onnxruntime", INSTALL, "the ONNX Runtime backend")
         choice("variant", variant, VARIANTS)
         manifest = read_manifest(export_dir, require_complete=not allow_incomplete)
@@ -64,15 +62,16 @@ class OnnxBackend(Backend):
         self.sessions = {}
         for stage, file in manifest.variants[variant].items():
             session = ort.InferenceSession(os.path.join(export_dir, file), options, providers=providers)
-            found = session.get_modelmeta().custom_metadata_map.get(METADATA_PREFIX + "checkpoint_sha256")
-            if found != manifest.checkpoint_sha256:
-                raise ExportError(f"{file} in {export_dir!r} was exported from checkpoint {str(found)[:12]}, but the "
-                                  f"manifest says {manifest.checkpoint_sha256[:12]}: the folder mixes two exports; re-export")
+            found = graph_model_id(session.get_modelmeta().custom_metadata_map)
+            if found != manifest.model_id:
+                raise ExportError(f"{file} in {export_dir!r} was exported from model {str(found)[:12]}, but the "
+                                  f"manifest says {manifest.model_id[:12]}: the folder mixes two exports; re-export")
             self.sessions[stage] = session
         self.providers = self.sessions["fusion"].get_providers()
         config, tokenizer = load_export_config(export_dir)
         embed_dim = config.fusion.embed_dim or (config.text.hf_config.get("hidden_size") or config.text.hf_config["d_model"])
-        super().__init__(Preprocessor(config, tokenizer), manifest.checkpoint_sha256, embed_dim)
+        super().__init__(Preprocessor(config, tokenizer), manifest.model_id, embed_dim,
+                         legacy_model_ids=(manifest.source.get("file_sha256"),))
         self.name = "onnx" if variant == "fp32" else f"onnx-{variant}"
 
     def run_vision(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ TensorRT 10 name-based I/O: for each call the tightest optimisation profile is s
 input shapes, inputs are bound with set_input_shape / set_tensor_address, outputs are allocated
 from the shapes the context reports, and execute_async_v3 runs on a torch CUDA stream. All device
 memory is torch tensors (no pycuda). Engines built for another checkpoint, GPU or TensorRT
-version are refused when loading (see `mimic_engine.export.tensorrt_build.check_compatible`).
+version are refused when loading (see `export_format.check_compatible`).
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import torch
 from ..errors import ConfigError, require
 from ..preprocess import Preprocessor
 from .base import Backend
+from .export_format import (TENSORRT_INSTALL, TRT_TO_NAME, ExportError, check_compatible, gpu_identity,
+                            load_export_config, read_manifest, read_sidecar, select_profile)
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32,
                 "bool": torch.bool, "int8": torch.int8, "bfloat16": torch.bfloat16}
@@ -24,8 +26,6 @@ class _Engine:
     """One deserialized engine, its execution context and profiles."""
 
     def __init__(self, trt, runtime, path: str, sidecar, device: torch.device):
-        from mimic_engine.export.tensorrt_build import TRT_TO_NAME
-
         with open(path, "rb") as fh:
             self.engine = runtime.deserialize_cuda_engine(fh.read())
         if self.engine is None:
@@ -44,8 +44,6 @@ class _Engine:
             self.dtypes[name] = TORCH_DTYPES[TRT_TO_NAME[key]]
 
     def run(self, feeds: dict, stream: torch.cuda.Stream) -> dict:
-        from mimic_engine.export.tensorrt_build import select_profile
-
         shapes = {name: tuple(t.shape) for name, t in feeds.items()}
         index = select_profile(self.profiles, shapes)
         if index != self.active_profile:
@@ -76,10 +74,7 @@ class TensorRTBackend(Backend):
 
     def __init__(self, export_dir: str, device: str = "cuda", allow_incomplete: bool = False):
         """`allow_incomplete` is for the exporter's parity step, which runs before the manifest is final."""
-        from mimic_engine.export.artifacts import ExportError, load_export_config, read_manifest
-        from mimic_engine.export.tensorrt_build import INSTALL, check_compatible, gpu_identity, read_sidecar
-
-        trt = require("tensorrt", INSTALL, "the TensorRT backend")
+        trt = require("tensorrt", TENSORRT_INSTALL, "the TensorRT backend")
         if not torch.cuda.is_available():
             raise ConfigError("the TensorRT backend needs a CUDA GPU and torch sees none")
         manifest = read_manifest(export_dir, require_complete=not allow_incomplete)
@@ -95,13 +90,14 @@ class TensorRTBackend(Backend):
         for stage, file in manifest.tensorrt["engines"].items():
             path = os.path.join(export_dir, file)
             sidecar = read_sidecar(path)
-            check_compatible(sidecar, manifest.checkpoint_sha256, trt.__version__, gpu_name, cc, path)
+            check_compatible(sidecar, manifest.model_id, trt.__version__, gpu_name, cc, path)
             self.engines[stage] = _Engine(trt, runtime, path, sidecar, self.device)
         self.stream = torch.cuda.Stream(self.device)
         self.export_dir = export_dir
         config, tokenizer = load_export_config(export_dir)
         embed_dim = config.fusion.embed_dim or (config.text.hf_config.get("hidden_size") or config.text.hf_config["d_model"])
-        super().__init__(Preprocessor(config, tokenizer), manifest.checkpoint_sha256, embed_dim)
+        super().__init__(Preprocessor(config, tokenizer), manifest.model_id, embed_dim,
+                         legacy_model_ids=(manifest.source.get("file_sha256"),))
 
     def run_vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.engines["vision"].run({"pixel_values": pixel_values}, self.stream)

@@ -20,7 +20,7 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, model, tokenizer, device: str | torch.device = "cpu", dtype: str = "fp32",
-                 model_id: str | None = None):
+                 model_id: str | None = None, legacy_model_ids: tuple = ()):
         choice("dtype", dtype, tuple(DTYPES))
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -30,7 +30,7 @@ class TorchBackend(Backend):
         self.model = model.to(device).eval()
         config = model.config
         model_id = model_id or f"random:{config.preset or 'custom'}:{config.fusion.fusion}"
-        super().__init__(Preprocessor(config, tokenizer), model_id, model.embed_dim)
+        super().__init__(Preprocessor(config, tokenizer), model_id, model.embed_dim, legacy_model_ids)
         self.name = "torch" if dtype == "fp32" else "torch-fp16"
 
     # ---- constructors ----------------------------------------------------------------------------
@@ -39,12 +39,13 @@ class TorchBackend(Backend):
         from ..checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(path, "cpu")
-        return cls(ckpt.model, ckpt.tokenizer, device, dtype, model_id=ckpt.sha256)
+        return cls(ckpt.model, ckpt.tokenizer, device, dtype, model_id=ckpt.model_id, legacy_model_ids=ckpt.legacy_ids)
 
     @classmethod
     def from_encoder(cls, encoder, dtype: str = "fp32") -> "TorchBackend":
         """Share a MimicEncoder's model (no copy): tests and in-process tools."""
-        return cls(encoder.model, encoder.tokenizer, encoder.device, dtype, model_id=encoder.model_id)
+        return cls(encoder.model, encoder.tokenizer, encoder.device, dtype, model_id=encoder.model_id,
+                   legacy_model_ids=encoder.legacy_model_ids)
 
     # ---- stages ----------------------------------------------------------------------------------
     def _autocast(self):

@@ -3,4 +3,4 @@ response bodies), `routes` (the handlers and their helpers, over a `routes.Serve
 (Prometheus series, the limits-and-metrics middleware) and `api_errors` (the one error shape);
 `settings.ServerSettings` (every knob) and `cli` (`mimic-engine serve` / `mimic-engine search`).
 Nothing heavy is imported here: FastAPI loads with `app`. The load generator is `mimic-engine bench
-serve` (bench_serve.py)."""
+serve` (bench/serve.py)."""

@@ -1,20 +1,22 @@
 """`mimic-engine serve` (the HTTP server) and `mimic-engine search` (one query, no server).
 
-With no arguments both use the demo setup, built on first use so they work on a fresh machine:
-the demo model `<home>/demo-model/ckpt.pt` (trained once, about 3-4 minutes on 2 CPU cores) and
-the index `<home>/demo-index` (filled from the demo corpus when empty); `<home>` is $MIMIC_HOME
-or ~/.cache/mimic-engine. Every serve option can also be set by an environment variable
-(MIMIC_<OPTION>, e.g. MIMIC_PORT=9000, MIMIC_API_KEY=...).
+With no arguments both use the demo setup, built on first use so they work on a fresh machine
+(see server/bootstrap.py, which opens the model and the index for both). Every serve option can
+also be set by an environment variable (MIMIC_<OPTION>, e.g. MIMIC_PORT=9000, MIMIC_API_KEY=...).
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 
 import click
 
+from ..cli_options import device_option, threads_option
+from ..index.document_index import DEFAULTS as HNSW_DEFAULTS
 from ..runtime import BACKENDS
+from .bootstrap import open_backend_and_index
 from .settings import ServerSettings
 
 DEFAULTS = ServerSettings()
@@ -29,78 +31,6 @@ def setting_option(name: str, help: str, **kw):
     return click.option(flag, name, envvar="MIMIC_" + name.upper(), show_envvar=True, help=help, **kw)
 
 
-# ---- model and index resolution (shared by serve and search) ---------------------------------------
-def demo_paths():
-    from ..data import default_home
-
-    home = default_home()
-    return home / "demo-model" / "ckpt.pt", home / "demo-index"
-
-
-def ensure_demo_model() -> str:
-    """The demo checkpoint, trained first if missing (once per machine).
-
-    Training runs in `demo-model.partial/` and the folder is renamed into place only when training
-    and its final evaluation have finished, so an interrupted first start never leaves a half-trained
-    model that later starts would take for the real one; the next start resumes from its last.pt.
-    """
-    import os
-    import shutil
-
-    ckpt, _ = demo_paths()
-    if ckpt.is_file():
-        return str(ckpt)
-    partial = ckpt.parent.with_name(ckpt.parent.name + ".partial")
-    argv = ["--preset", "small", "--data", "demo", "--out", str(partial)]
-    if (partial / "last.pt").is_file():
-        argv += ["--resume", str(partial / "last.pt")]
-        click.echo(f"Resuming the interrupted training of the demo model in {partial}.", err=True)
-    else:
-        click.echo(f"No demo model at {ckpt}: training one now (preset 'small' on the demo corpus, about 3-4 minutes "
-                   "on 2 CPU cores; this happens once). Pass --model to serve your own checkpoint or export.", err=True)
-    from ..training.train import main as train_main
-
-    train_main(argv)
-    if ckpt.parent.exists():  # a stale folder without ckpt.pt
-        shutil.rmtree(ckpt.parent)
-    os.replace(partial, ckpt.parent)
-    return str(ckpt)
-
-
-def open_backend_and_index(settings: ServerSettings, progress: bool = True):
-    """-> (backend, index). No --model: the demo model; no --index: the demo index for the demo model
-    (filled from the demo corpus when empty), else `<home>/indexes/<model id>`."""
-    from ..data import default_home
-    from ..index import DocumentIndex
-    from ..runtime import load_backend
-
-    demo = settings.model is None
-    model = ensure_demo_model() if demo else settings.model
-    backend = load_backend(settings.backend, model, settings.device, threads=settings.threads)
-    if getattr(backend, "selection_reason", None):
-        click.echo(f"backend: {backend.name} ({backend.selection_reason})", err=True)
-    path = settings.index
-    if path is None:
-        path = str(demo_paths()[1] if demo else default_home() / "indexes" / backend.model_id[:16])
-    try:
-        index = DocumentIndex(path, backend.dim, backend.model_id, M=settings.hnsw_m,
-                              ef_construction=settings.hnsw_ef_construction, ef=settings.hnsw_ef)
-    except BaseException:
-        backend.close()
-        raise
-    if demo and settings.index is None:
-        from ..data import load_dataset
-        from ..index import build_index
-
-        dataset = load_dataset("demo")
-        if index.count() < len(dataset.documents):  # empty, or an interrupted first build: add what is missing
-            click.echo(f"Indexing the demo corpus into {path} ({index.count()}/{len(dataset.documents)} there; once).",
-                       err=True)
-            build_index(backend, dataset, index, batch_size=64, progress=progress, source="demo")
-            index.flush()
-    return backend, index
-
-
 # ---- serve ----------------------------------------------------------------------------------------
 @click.command("serve")
 @setting_option("model", "Checkpoint (ckpt.pt) or export directory [default: the demo model, trained on first use].",
@@ -111,9 +41,8 @@ def open_backend_and_index(settings: ServerSettings, progress: bool = True):
 @setting_option("port", "Port to listen on.", type=click.IntRange(1, 65535))
 @setting_option("backend", "Inference backend; 'auto' picks the fastest available and says why.",
                 type=click.Choice(BACKENDS))
-@setting_option("device", "cpu, cuda, cuda:N or auto.")
-@setting_option("threads", "CPU threads per operator for the model [the library default: all cores].",
-                type=click.IntRange(min=1))
+@device_option(default=DEFAULTS.device, envvar="MIMIC_DEVICE", show_envvar=True)
+@threads_option(default=DEFAULTS.threads, envvar="MIMIC_THREADS", show_envvar=True)
 @click.option("--batching/--no-batching", "batching", default=True, envvar="MIMIC_BATCHING", show_envvar=True,
               show_default=True, help="Dynamic batching of concurrent requests (--no-batching: each request on its own, "
               "the benchmark baseline).")
@@ -129,10 +58,12 @@ def open_backend_and_index(settings: ServerSettings, progress: bool = True):
 @setting_option("max_text_chars", "Longest text in characters (token truncation beyond the model's length is reported).",
                 type=click.IntRange(min=1))
 @setting_option("max_k", "Largest k for /v1/search.", type=click.IntRange(min=1))
-@setting_option("hnsw_m", "HNSW links per node, for a new index [32].", type=click.IntRange(min=2))
-@setting_option("hnsw_ef_construction", "HNSW build breadth, for a new index [200].", type=click.IntRange(min=1))
-@setting_option("hnsw_ef", "HNSW search breadth (saved with the index) [the index's, else 128].",
-                type=click.IntRange(min=1))
+@setting_option("hnsw_m", "HNSW links per node, for a new index.", type=click.IntRange(min=2),
+                show_default=str(HNSW_DEFAULTS["M"]))
+@setting_option("hnsw_ef_construction", "HNSW build breadth, for a new index.", type=click.IntRange(min=1),
+                show_default=str(HNSW_DEFAULTS["ef_construction"]))
+@setting_option("hnsw_ef", "HNSW search breadth (saved with the index).", type=click.IntRange(min=1),
+                show_default=f"the index's, else {HNSW_DEFAULTS['ef']}")
 @click.option("--log-level", envvar="MIMIC_LOG_LEVEL", show_envvar=True, default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def serve_command(log_level, **options):
@@ -163,8 +94,7 @@ def serve_command(log_level, **options):
 @click.option("--model", envvar="MIMIC_MODEL", type=click.Path(exists=True), default=None,
               help="Checkpoint or export directory [default: the demo model].")
 @click.option("--backend", envvar="MIMIC_BACKEND", type=click.Choice(BACKENDS), default="auto", show_default=True)
-@click.option("--device", envvar="MIMIC_DEVICE", default="auto", show_default=True,
-              help="cpu, cuda, cuda:N or auto (CUDA when available).")
+@device_option(envvar="MIMIC_DEVICE")
 @click.option("-k", "k", type=click.IntRange(1, 10_000), default=10, show_default=True, help="Results to show.")
 @click.option("--modality", type=click.Choice(["text", "image"]), default=None, help="Only documents of this modality.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
@@ -194,4 +124,4 @@ def search_command(query, image_paths, index, model, backend, device, k, modalit
         click.echo(f"{rank:3d}  {score:7.4f}  {doc.modality:5s}  {doc.id}  {shown[:90]}")
 
 
-__all__ = ["serve_command", "search_command", "open_backend_and_index", "ensure_demo_model", "demo_paths"]
+__all__ = ["serve_command", "search_command"]

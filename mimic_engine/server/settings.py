@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from ..errors import ConfigError
+from ..runtime.batcher import DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_QUEUE, DEFAULT_MAX_WAIT_MS
 
 
 @dataclass
@@ -17,12 +18,12 @@ class ServerSettings:
     port: int = 8000
     threads: int | None = None  # CPU threads per operator (torch / ONNX Runtime); None = library default
 
-    # batching (see mimic_engine.runtime.batcher)
+    # batching (mimic_engine.runtime.batcher, where the defaults and their meaning live)
     batching: bool = True  # False: each request is encoded on its own (benchmark baseline)
-    max_batch: int = 32  # items per model batch
-    max_batch_tokens: int = 8192  # padded (text + visual) tokens per model batch
-    max_wait_ms: float = 5.0  # how long the first item of a batch waits for company
-    max_queue: int = 1024  # items admitted at once; beyond it requests get 503 + Retry-After
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    max_wait_ms: float = DEFAULT_MAX_WAIT_MS
+    max_queue: int = DEFAULT_MAX_QUEUE  # beyond it requests get 503 + Retry-After
     request_timeout_s: float = 60.0  # a request waiting longer for its batch gets 503
 
     # limits on requests
