@@ -60,6 +60,11 @@ class FusionConfig:
     projector: str = "linear"  # visual hidden -> text hidden: Linear(Hv, H) or Linear-GELU-Linear
     decoder_layers: int = 2  # depth of the T5-style decoder when the text backbone has none
     decoder_heads: int = 6
+    # decoder fusion: LayerNorm each modality's memory separately and add a learned modality
+    # embedding before the decoder cross-attends over text + visual memory. Without it the two
+    # memories arrive at different scales (a pretrained encoder's states vs freshly projected
+    # visual tokens) and the single decoder query can settle on one of them.
+    memory_norm: bool = True
     embed_dim: int | None = None  # output size; None = text hidden size (no output projection)
     logit_scale_init: float = 100.0  # temperature 0.01, as MARVEL and UniVL-DR
 
@@ -112,6 +117,7 @@ class MimicConfig:
         """Rebuild from `to_dict()` output; unknown keys are an error that lists the known ones."""
         if not isinstance(data, dict):
             raise ConfigError(f"a model config must be a dict, got {type(data).__name__}")
+        data = _upgrade(data)
         return _from_dict(cls, data, "config").validate()
 
     def replace(self, **overrides: Any) -> "MimicConfig":
@@ -137,6 +143,14 @@ class MimicConfig:
 def _in_range(name: str, value, lo, hi) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
         raise ConfigError(f"{name}={value!r} is out of range; expected a number in [{lo}, {hi}]")
+
+
+def _upgrade(data: dict) -> dict:
+    """Configs saved before an option existed keep the behaviour they were trained with."""
+    fusion = data.get("fusion")
+    if isinstance(fusion, dict) and "memory_norm" not in fusion:
+        data = {**data, "fusion": {**fusion, "memory_norm": False}}  # decoder memory as raw concatenation
+    return data
 
 
 # Keys renamed since a release wrote them: old name -> new name (checkpoints and exports keep loading).

@@ -47,10 +47,21 @@ class DecoderFusion(_FusionBase):
     def __init__(self, config: MimicConfig, text: TextBackbone):
         super().__init__(config, text)
         self.decoder = FusionDecoder(config, text)
+        h = text.hidden_size
+        self.memory_norm = config.fusion.memory_norm
+        if self.memory_norm:
+            self.text_memory_norm = nn.LayerNorm(h)
+            self.visual_memory_norm = nn.LayerNorm(h)
+            self.modality_embed = nn.Parameter(torch.zeros(2, h))  # added to text (0) and visual (1) memory
 
     def forward(self, input_ids, attention_mask, visual_tokens, visual_mask):
         text_states = self.text(input_ids=input_ids, attention_mask=_encoder_mask(attention_mask))  # (B, T, H)
-        memory = torch.cat([text_states, visual_tokens.to(text_states.dtype)], dim=1)  # (B, T+V, H)
+        visual_tokens = visual_tokens.to(text_states.dtype)  # (B, V, H)
+        if self.memory_norm:
+            embed = self.modality_embed.to(text_states.dtype)
+            text_states = self.text_memory_norm(text_states) + embed[0]
+            visual_tokens = self.visual_memory_norm(visual_tokens) + embed[1]
+        memory = torch.cat([text_states, visual_tokens], dim=1)  # (B, T+V, H)
         memory_mask = torch.cat([attention_mask, visual_mask.to(attention_mask.dtype)], dim=1)  # (B, T+V)
         return self.finish(self.decoder(memory, memory_mask))
 
