@@ -36,6 +36,7 @@ PRESET_TRAIN_DEFAULTS = {
     # The pretrained MiniLM text tower is frozen: fine-tuning it costs ~5x per step on a CPU while
     # the vision tower (from scratch), the projector and the fusion decoder are what must learn.
     "small": {"max_minutes": 3.0, "eval_every": 60, "patience": 8, "freeze": ["text"]},
+    "small-effnet": {"max_minutes": 3.0, "eval_every": 60, "patience": 8, "freeze": ["text", "vision"]},
     "base": {},
 }
 
@@ -142,6 +143,7 @@ class Trainer:
             overrides["vision.pretrained"] = opts.vision_model
         if opts.random_init:
             overrides["random_init"] = True
+        overrides.update(opts.overrides)
         self.config = preset(opts.preset, opts.fusion, **overrides)
         self.model = build_model(self.config).to(self.device)
         self.tokenizer = load_tokenizer(self.config)
@@ -157,6 +159,8 @@ class Trainer:
         if "text" in opts.freeze and opts.fusion != "early":
             # frozen text tower whose input is token ids only: encode each distinct text once per run
             self.model.fusion_stage.text.enable_state_cache()
+        if "vision" in opts.freeze:  # frozen image tower: encode each distinct image once per run
+            self.model.vision_stage.enable_feature_cache()
         self.rng = random.Random(opts.seed)
         self.stream = QueryStream(self.dataset.split("train"), self.rng)
         if not self.stream.queries:

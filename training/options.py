@@ -31,6 +31,8 @@ class TrainOptions:
     vision_model: str | None = None  # local CLIP vision folder
     tokenizer: str | None = None  # local tokenizer folder (default: text_model)
     random_init: bool = False
+    # dotted model-config overrides applied to the preset, e.g. {"vision.image_size": 128} (--set KEY=VALUE)
+    overrides: dict = field(default_factory=dict)
     # MiMIC's strategies (None = the preset's default, see mimic_engine.config.TrainingStrategy)
     caption_dropout: float | None = None
     mixin: float | None = None
@@ -116,6 +118,18 @@ def _floats(text: str) -> list:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1.0,0.5,0.0, got {text!r}")
 
 
+def _override(text: str) -> tuple:
+    """KEY=VALUE with a dotted config key and a JSON value (a bare word is a string): vision.image_size=128."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with a dotted config key, e.g. vision.image_size=128, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python training/train.py",
@@ -133,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-model", help="local from_pretrained folder of the CLIP vision backbone")
     p.add_argument("--tokenizer", help="local tokenizer folder (default: --text-model)")
     p.add_argument("--random-init", action="store_const", const=True, help="random backbone weights (benchmarks)")
+    p.add_argument("--set", dest="overrides", type=_override, action="append", metavar="KEY=VALUE",
+                   help="override a model config field of the preset (repeatable), e.g. --set vision.image_size=128")
     p.add_argument("--caption-dropout", type=float, help="P(drop an image item's caption); 0 disables")
     p.add_argument("--mixin", type=float, help="unimodal views per multimodal positive; 0 disables")
     p.add_argument("--no-query-caption-dropout", dest="caption_dropout_queries", action="store_const", const=False)
@@ -166,5 +182,7 @@ def parse_options(argv: list[str] | None) -> TrainOptions:
     args.pop("config", None)
     if args.get("freeze"):
         args["freeze"] = [f for f in args["freeze"] if f != "none"]
+    if args.get("overrides"):
+        args["overrides"] = {**merged.get("overrides", {}), **dict(args["overrides"])}
     merged.update({k: v for k, v in args.items() if v is not None})
     return TrainOptions(**merged).validate()
