@@ -118,27 +118,28 @@ def test_trainer_caches_a_frozen_tower_and_fine_tunes_an_unfrozen_one(tmp_path, 
     import json
 
     import mimic_engine.data as data_mod
-    from mimic_engine.training.train import main
+    from mimic_engine.encoder import MimicEncoder
+    from mimic_engine.training.loop import Trainer
+    from mimic_engine.training.options import parse_options
     from tests.test_training import synthetic_dataset
 
     ds = synthetic_dataset()
     monkeypatch.setattr(data_mod, "load_dataset", lambda kind, data_dir=None, **kw: ds, raising=False)
     sets = [arg for key, value in tiny_effnet_overrides().items() for arg in ("--set", f"{key}={json.dumps(value)}")]
-    common = ["--preset", "tiny", "--data", "jsonl", "--steps", "2", "--batch-size", "4", "--eval-every", "1",
+    common = ["--preset", "tiny", "--data", "jsonl", "--steps", "2", "--batch-size", "4", "--eval-every", "2",
               "--no-progress", *sets]
-    from mimic_engine.encoder import MimicEncoder
-    from mimic_engine.training.loop import Trainer
-    from mimic_engine.training.options import parse_options
-
-    frozen = Trainer(parse_options(common + ["--out", str(tmp_path / "frozen"), "--freeze", "vision"]))
-    stem_before = frozen.model.vision_stage.model.stem.conv.weight.detach().clone()
-    proj_before = frozen.model.vision_stage.projector.weight.detach().clone()
-    frozen.fit()
-    assert frozen.model.vision_stage._cache  # filled
-    assert torch.equal(frozen.model.vision_stage.model.stem.conv.weight, stem_before)
-    assert not torch.equal(frozen.model.vision_stage.projector.weight, proj_before)
-
-    ckpt = main(common + ["--out", str(tmp_path / "tuned"), "--freeze", "none"])
+    trained = {}
+    for name, freeze in (("frozen", "vision"), ("tuned", "none")):
+        trainer = Trainer(parse_options(common + ["--out", str(tmp_path / name), "--freeze", freeze]))
+        stage = trainer.model.vision_stage
+        before = (stage.model.stem.conv.weight.detach().clone(), stage.projector.weight.detach().clone())
+        ckpt = trainer.fit()
+        trained[name] = (stage, before, ckpt)
+    stage, (stem, proj), _ = trained["frozen"]
+    assert stage._cache and torch.equal(stage.model.stem.conv.weight, stem)  # cached and unchanged
+    assert not torch.equal(stage.projector.weight, proj)
+    stage, (stem, proj), ckpt = trained["tuned"]
+    assert stage._cache is None and not torch.equal(stage.model.stem.conv.weight, stem)
     enc = MimicEncoder.from_checkpoint(ckpt)
     assert enc.config.vision.kind == "efficientnet_lite" and enc.config.vision.hf_config == TINY_EFFNET
 
@@ -225,3 +226,32 @@ def test_real_lite0_weights_classify_the_sample_photos():
     same = [sim[i, j] for i in range(6) for j in range(6) if i != j and i // 3 == j // 3]
     other = [sim[i, j] for i in range(3) for j in range(3, 6)]
     assert min(same) > max(other), (sim, top5_china)
+
+
+def test_onnx_export_and_backend_parity(tiny_effnet_encoders, tmp_path):
+    """vision.onnx of the conv tower (and its ONNX Runtime-optimised variant) passes parity on unseen
+    shapes, and the ONNX backend, built from the export alone, encodes like PyTorch."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: pip install 'mimic-engine[export]'")
+    import json
+    import os
+
+    from mimic_engine.checkpoint import save_checkpoint
+    from mimic_engine.export.pipeline import ExportOptions, export_checkpoint
+    from mimic_engine.runtime.onnx_backend import OnnxBackend
+
+    enc = tiny_effnet_encoders("decoder")
+    ckpt = save_checkpoint(str(tmp_path / "ckpt.pt"), enc.model, enc.tokenizer)
+    out = str(tmp_path / "export")
+    result = export_checkpoint(ckpt, ExportOptions(out_dir=out, variants=("optimized",), tensorrt=False),
+                               log=lambda *_: None)
+    assert result.ok
+    parity = json.load(open(os.path.join(out, "parity.json")))
+    for variant in ("fp32", "optimized"):
+        assert all(r["passed"] for r in parity[variant]["rows"]) and parity[variant]["max_abs_diff"] <= 1e-4
+        assert any(r["vision_max_abs"] is not None for r in parity[variant]["rows"])
+    card = json.load(open(os.path.join(out, "model_card.json")))
+    assert card["preprocessing"]["visual_tokens_per_image"] == 16
+    assert card["preprocessing"]["image"]["mean"] == enc.config.vision.image_mean
+    os.remove(ckpt)
+    items = mixed_items()
+    np.testing.assert_allclose(OnnxBackend(out).encode(items), enc.encode(items), atol=1e-5)
