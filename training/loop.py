@@ -337,6 +337,7 @@ def final_report(ckpt_path: str, opts: TrainOptions, dataset=None) -> dict:
     from mimic_engine.evaluate import diagnostics, evaluate
 
     encoder = MimicEncoder.from_checkpoint(ckpt_path, resolve_device(opts.device))
+    encoder.model.vision_stage.enable_feature_cache()  # fixed weights: each image through the tower once
     if dataset is None:
         from mimic_engine.data import load_dataset
 
