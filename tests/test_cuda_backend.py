@@ -17,7 +17,7 @@ from mimic_engine.errors import ConfigError, InputError
 from mimic_engine.modeling import build_model
 from mimic_engine.runtime.cuda_backend import (Buckets, CudaGraphBackend, Fp32LayerNorm, Fp32RMSNorm, bucket_up,
                                                 convert_fp16_islands, pad_fusion_inputs)
-from tests.conftest import MIXED_IMAGE_COUNTS, MIXED_TEXTS
+from tests.conftest import MIXED_IMAGE_COUNTS, MIXED_TEXTS, tiny_effnet_overrides
 
 T5_TINY = dict(vocab_size=30522, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
                relative_attention_num_buckets=8, relative_attention_max_distance=20, feed_forward_proj="relu")
@@ -195,6 +195,19 @@ def test_backend_on_cpu_fp16_islands_parity(fusion, tiny_encoders):
     enc = tiny_encoders(fusion)
     backend = CudaGraphBackend.from_encoder(enc, device="cpu")
     assert min_cosine(run(backend), reference(enc)) > 0.999
+
+
+def test_backend_on_cpu_efficientnet_tower(tiny_effnet_encoders):
+    """Convolutions through the backend: BatchNorm folded into the convs, fp32 exact, fp16 close."""
+    enc = tiny_effnet_encoders("decoder")
+    ref = reference(enc)
+    exact = CudaGraphBackend.from_encoder(enc, device="cpu", dtype="fp32")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in exact.model.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in enc.model.modules())  # the caller's model is untouched
+    np.testing.assert_allclose(run(exact), ref, atol=2e-5)
+    half = CudaGraphBackend.from_encoder(enc, device="cpu")
+    assert half.model.vision_stage.model.stem.conv.weight.dtype == torch.float16
+    assert min_cosine(run(half), ref) > 0.999
 
 
 def test_backend_on_cpu_t5_text_tower():
@@ -390,6 +403,7 @@ def test_graph_safety_check_catches_syncs_and_host_tensors():
 @pytest.mark.parametrize("name, overrides", [
     *[(f"tiny-{f}", {"fusion.fusion": f}) for f in FUSIONS],
     ("tiny-t5-text", {"text.kind": "t5", "text.hf_config": dict(T5_TINY)}),
+    ("tiny-effnet", tiny_effnet_overrides()),
 ])
 def test_captured_functions_are_graph_safe(name, overrides, kernels):
     check, tokens, vectors = _captured_calls_on_meta(preset("tiny", **overrides), kernels)
@@ -438,6 +452,16 @@ def test_gpu_backend_parity_t5_text_tower(attention):
     enc = _gpu_encoder(tiny_t5_config())
     backend = CudaGraphBackend.from_encoder(enc, attention=attention)
     assert min_cosine(run(backend), reference(enc)) >= 0.999
+
+
+@gpu
+def test_gpu_backend_parity_efficientnet_tower():
+    need_gpu()
+    enc = _gpu_encoder(preset("tiny", **tiny_effnet_overrides()))
+    backend = CudaGraphBackend.from_encoder(enc)
+    out = run(backend)
+    assert min_cosine(out, reference(enc)) > 0.999
+    np.testing.assert_allclose(run(backend), out, atol=1e-6)  # replayed from the captured graphs
 
 
 @gpu

@@ -47,6 +47,23 @@ def strategy_default(name: str) -> str:
     return ("on" if value else "off") if isinstance(value, bool) else str(value)
 
 
+def parse_overrides(ctx, param, values) -> dict:
+    """--set KEY=VALUE (repeatable) -> {dotted key: value}; VALUE is JSON, a bare word a string."""
+    import json
+
+    out = {}
+    for text in values:
+        key, sep, raw = text.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{text!r}: expected KEY=VALUE with a dotted config key, "
+                                     "e.g. fusion.memory_norm=false or vision.image_size=128")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
 def options_from_context(ctx: click.Context) -> TrainOptions:
     """TrainOptions from `train`'s parameters: the defaults < the --config file < flags given."""
     params = dict(ctx.params)
@@ -56,6 +73,8 @@ def options_from_context(ctx: click.Context) -> TrainOptions:
              if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
     if "freeze" in given:
         given["freeze"] = tuple(f for f in given["freeze"] if f != "none")
+    if "overrides" in given:  # flags refine the file's overrides key by key
+        given["overrides"] = {**merged.get("overrides", {}), **given["overrides"]}
     merged.update(given)
     return TrainOptions.from_dict(merged, where=config_path or "the options")
 
@@ -82,6 +101,8 @@ def parse_options(argv: list[str]) -> TrainOptions:
 @click.option("--tokenizer", type=click.Path(file_okay=False), default=None, show_default="--text-model, else the preset's",
               help="Local tokenizer folder.")
 @click.option("--random-init", is_flag=True, default=DEFAULTS.random_init, help="Random backbone weights (benchmarks).")
+@click.option("--set", "overrides", multiple=True, callback=parse_overrides, metavar="KEY=VALUE",
+              help="Override a model config field of the preset (repeatable), e.g. --set fusion.memory_norm=false.")
 @click.option("--caption-dropout", type=click.FloatRange(0.0, 1.0), default=None,
               show_default=strategy_default("caption_dropout"), help="P(drop an image item's caption); 0 disables.")
 @click.option("--mixin", type=click.FloatRange(0.0, 10.0), default=None, show_default=strategy_default("mixin"),

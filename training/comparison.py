@@ -39,6 +39,10 @@ ABLATIONS = {v.key: v for v in (
     Variant("decoder-plain", "decoder, no dropout, no mix-in", "decoder", {"caption_dropout": 0.0, "mixin": 0.0}),
     Variant("decoder-dropout", "decoder + dropout, no mix-in", "decoder", {"mixin": 0.0}),
     Variant("early-strategies", "early + dropout + mix-in", "early"),
+    # the decoder's memory as a raw concatenation of text states and visual tokens (no per-modality
+    # LayerNorm, no modality embedding): the architecture before `fusion.memory_norm`
+    Variant("decoder-raw-memory", "decoder + dropout + mix-in, raw memory", "decoder",
+            {"overrides": {"fusion.memory_norm": False}}),
 )}
 ALL_VARIANTS = {**VARIANTS, **ABLATIONS}
 DEFAULT_SEEDS = (0, 1, 2)

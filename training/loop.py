@@ -121,6 +121,8 @@ class Trainer:
         if "text" in opts.freeze and opts.fusion != "early":
             # frozen text tower whose input is token ids only: encode each distinct text once per run
             self.model.fusion_stage.text.enable_state_cache()
+        if "vision" in opts.freeze:  # frozen image tower: encode each distinct image once per run
+            self.model.vision_stage.enable_feature_cache()
         self.rng = random.Random(opts.seed)
         self.stream = QueryStream(self.dataset.split("train"), self.rng)
         if not self.stream.queries:
@@ -302,6 +304,7 @@ def final_report(ckpt_path: str, opts: TrainOptions, dataset=None) -> dict:
     from mimic_engine.evaluate import diagnostics, evaluate
 
     encoder = MimicEncoder.from_checkpoint(ckpt_path, resolve_device(opts.device))
+    encoder.model.vision_stage.enable_feature_cache()  # fixed weights: each image through the tower once
     if dataset is None:
         from mimic_engine.data import load_dataset
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mimic_engine.config import FUSIONS, PRESETS, MimicConfig, TrainingStrategy, preset
 from mimic_engine.data import KINDS as DATA_KINDS
@@ -34,6 +34,9 @@ _COMMON_DEFAULTS = {"max_minutes": None, "eval_every": 100, "patience": 5, "free
 PRESET_DEFAULTS = {
     "tiny": dict(_COMMON_DEFAULTS),
     "small": {**_COMMON_DEFAULTS, "max_minutes": 3.0, "eval_every": 60, "patience": 8, "freeze": ("text",)},
+    # the pretrained image tower stays frozen too: its tokens are then cached once per image
+    "small-effnet": {**_COMMON_DEFAULTS, "max_minutes": 3.0, "eval_every": 60, "patience": 8,
+                     "freeze": ("text", "vision")},
     "base": dict(_COMMON_DEFAULTS),
 }
 STRATEGY_FIELDS = tuple(f.name for f in dataclasses.fields(TrainingStrategy))  # caption_dropout, ...
@@ -54,6 +57,8 @@ class TrainOptions:
     vision_model: str | None = None  # local CLIP vision folder
     tokenizer: str | None = None  # local tokenizer folder (default: text_model)
     random_init: bool = False
+    # dotted model-config overrides of the preset, e.g. {"fusion.memory_norm": false} (--set KEY=VALUE)
+    overrides: dict = field(default_factory=dict)
     # MiMIC's strategies; None = mimic_engine.config.TrainingStrategy's default
     caption_dropout: float | None = None  # P(drop an image item's caption); 0 disables
     mixin: float | None = None  # unimodal views per multimodal positive; 0 disables
@@ -100,6 +105,9 @@ class TrainOptions:
         check_device(self.device)
         for f in self.freeze or ():
             choice("freeze", f, FREEZABLE)
+        if not isinstance(self.overrides, dict) or not all(isinstance(k, str) for k in self.overrides):
+            raise ConfigError(f"overrides={self.overrides!r} must map dotted config keys to values, "
+                              'e.g. {"fusion.memory_norm": false}')
         for name in ("batch_size", "grad_accum", "steps", "eval_every", "eval_batch_size", "eval_max_queries"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be >= 1")
@@ -153,6 +161,7 @@ def resolve_options(options: TrainOptions) -> ResolvedTraining:
         overrides["vision.pretrained"] = options.vision_model
     if options.random_init:
         overrides["random_init"] = True
+    overrides.update(options.overrides)
     config = preset(options.preset, options.fusion, **overrides)
     strategy = {name: getattr(config.strategy, name) for name in STRATEGY_FIELDS}
     return ResolvedTraining(dataclasses.replace(options, **preset_defaults, **strategy), config)

@@ -135,36 +135,92 @@ class TextBackbone(nn.Module):
 
 
 class VisionStage(nn.Module):
-    """Pixels -> visual tokens: CLIP ViT patch tokens (CLS dropped) through the projector.
+    """Pixels -> visual tokens through the projector: CLIP ViT patch tokens (CLS dropped), or the
+    cells of EfficientNet-Lite's last feature map (row-major).
 
     (N, 3, S, S) float -> (N, P, H). Runs only on the images present in a batch.
     """
 
     def __init__(self, config: MimicConfig, out_dim: int, load_weights: bool):
         super().__init__()
-        from transformers import CLIPVisionConfig, CLIPVisionModel
-
         vc = config.vision
-        path = None if (config.random_init or not load_weights) else resolve_pretrained(vc.pretrained)
-        if path:
-            self.model = CLIPVisionModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        self.kind = vc.kind
+        if vc.kind == "efficientnet_lite":
+            from .efficientnet import EfficientNetLite, load_pretrained
+
+            self.model = EfficientNetLite(vc.hf_config)
+            if vc.pretrained and load_weights and not config.random_init:
+                load_pretrained(self.model, vc.pretrained)
+            hv = self.model.out_channels
         else:
-            self.model = CLIPVisionModel(CLIPVisionConfig(**_plain(vc.hf_config)))
-        vc.hf_config = _plain(self.model.config.to_dict())
-        if self.model.config.image_size != vc.image_size:
-            raise ConfigError(
-                f"vision.image_size={vc.image_size} differs from the backbone's image_size={self.model.config.image_size}; "
-                "set them equal"
-            )
-        hv = self.model.config.hidden_size
+            from transformers import CLIPVisionConfig, CLIPVisionModel
+
+            path = None if (config.random_init or not load_weights) else resolve_pretrained(vc.pretrained)
+            if path:
+                self.model = CLIPVisionModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+            else:
+                self.model = CLIPVisionModel(CLIPVisionConfig(**_plain(vc.hf_config)))
+            vc.hf_config = _plain(self.model.config.to_dict())
+            if self.model.config.image_size != vc.image_size:
+                raise ConfigError(
+                    f"vision.image_size={vc.image_size} differs from the backbone's image_size={self.model.config.image_size}; "
+                    "set them equal"
+                )
+            hv = self.model.config.hidden_size
         if config.fusion.projector == "linear":
             self.projector = nn.Linear(hv, out_dim)
         else:
             self.projector = nn.Sequential(nn.Linear(hv, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+        self._cache: dict | None = None
+
+    def backbone_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> (N, P, Hv), the tower's tokens before the projector."""
+        if self.kind == "efficientnet_lite":
+            return self.model(pixel_values)
+        return self.model(pixel_values=pixel_values).last_hidden_state[:, 1:]  # CLS dropped
+
+    def enable_feature_cache(self, max_images: int = 20_000) -> None:
+        """Freeze the tower and memoise its tokens per image. Only valid while the tower's weights do not
+        change (the projector still trains): then each distinct image is encoded once per run instead of
+        once per step. Images are keyed by their pixel values (a digest of the normalised tensor)."""
+        self.model.requires_grad_(False)
+        self._cache = {}
+        self._cache_max = max_images
+
+    def disable_feature_cache(self) -> None:
+        self._cache = None
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        patches = self.model(pixel_values=pixel_values).last_hidden_state[:, 1:]  # (N, P, Hv), CLS dropped
-        return self.projector(patches)  # (N, P, H)
+        tokens = self._cached_tokens(pixel_values) if self._cache is not None else self.backbone_tokens(pixel_values)
+        return self.projector(tokens)  # (N, P, H)
+
+    def _cached_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        import hashlib
+
+        host = pixel_values.detach().float().cpu().numpy()
+        keys = [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in host]
+        first = {}  # key -> the first row that holds it (an image may repeat within a batch)
+        for i, k in enumerate(keys):
+            if k not in self._cache:
+                first.setdefault(k, i)
+        fresh = {}
+        if first:
+            tokens = self._frozen_tokens(pixel_values[list(first.values())])  # (len(first), P, Hv)
+            for j, k in enumerate(first):
+                fresh[k] = tokens[j]
+                if len(self._cache) < self._cache_max:  # full: the rest is computed per batch
+                    self._cache[k] = tokens[j].clone()
+        return torch.stack([fresh[k] if k in fresh else self._cache[k] for k in keys])  # (N, P, Hv)
+
+    def _frozen_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tokens as inference computes them: no grad, eval mode (no dropout), whatever the mode."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return self.backbone_tokens(pixel_values)
+        finally:
+            self.model.train(was_training)
 
 
 class FusionDecoder(nn.Module):

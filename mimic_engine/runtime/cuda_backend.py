@@ -4,6 +4,9 @@
     vectors = backend.encode(items)                                        # (N, E) float32
 
 What it does to the model (a private copy; the caller's model is untouched):
+0. EfficientNet image towers: every BatchNorm is folded into its convolution (`fold_batchnorm`);
+   the convolutions then run in fp16 like the matmuls (cuDNN; no island: their ReLU6 activations
+   are bounded).
 1. `swap_t5_stacks`: every HF `T5Stack` (T5 text encoder, fusion decoder) becomes a `FastT5Stack`
    (fused QKV, relative-position-bias attention kernel, residual add + RMS norm kernel, one-step
    decoder shortcut; see `mimic_engine.kernels.t5`); `swap_quick_gelu`: CLIP's QuickGELU becomes
@@ -274,6 +277,8 @@ class CudaGraphBackend(Backend):
         from mimic_engine.kernels.attention import IMPLS as ATTENTION_IMPLS
         from mimic_engine.kernels.t5 import swap_t5_stacks
 
+        from ..modeling.efficientnet import fold_batchnorm
+
         choice("dtype", dtype, tuple(DTYPES))
         choice("wo_dtype", wo_dtype, tuple(WO_DTYPES))
         choice("attention", attention, ATTENTION_IMPLS)
@@ -297,6 +302,8 @@ class CudaGraphBackend(Backend):
         text = model.fusion_stage.text
         if getattr(text, "_cache", None) is not None:  # a training-time memo (enable_state_cache): host syncs,
             text._cache = None  # cannot run inside a CUDA graph, and would hold fp32 states of the old weights
+        model.vision_stage.disable_feature_cache()  # the same for the image tower's training-time memo
+        fold_batchnorm(model.vision_stage)  # EfficientNet: conv + BatchNorm -> one conv (no-op for a ViT)
         if kernels:
             swap_t5_stacks(model, attention_impl=attention)
             swap_quick_gelu(model)  # CLIP's MLP activation: one kernel instead of three
