@@ -239,6 +239,7 @@ def test_compare_and_mine_commands_on_a_tiny_model(tmp_path, monkeypatch):
     md = (out / "compare.md").read_text()
     assert "equal steps: 2 per run" in md and "## caption-keep 0.0" in md and " ± " in md
     assert (out / "late" / "seed-1" / "ckpt.pt").is_file()
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the chart
 
     mined = tmp_path / "mined.json"
     result = CliRunner().invoke(cli, ["mine", "--model", str(out / "late" / "seed-0" / "ckpt.pt"), "--data", "jsonl",

@@ -6,7 +6,7 @@ takes exactly those steps), or, with `minutes`, an equal wall-clock budget. Each
 checkpoint (dev selection, the same rule for every variant) is evaluated on the test split at
 caption-keep 1.0 / 0.5 / 0.0 with the diagnostics; `summarise` gives mean and sd over the seeds of
 every number, and `render_markdown` writes the tables. Output: OUT/<variant>/seed-<s>/ per run,
-OUT/compare.json and OUT/compare.md.
+OUT/compare.json, OUT/compare.md and the chart OUT/compare.png (training/plots.py).
 """
 from __future__ import annotations
 
@@ -107,6 +107,9 @@ def write_outputs(doc: dict, out: str) -> None:
         json.dump(doc, fh, indent=2)
     with open(os.path.join(out, "compare.md"), "w", encoding="utf-8") as fh:
         fh.write(render_markdown(doc) + "\n")
+    from .plots import plot_comparison
+
+    plot_comparison(doc, os.path.join(out, "compare.png"))
 
 
 # ---- mean +- sd over seeds ------------------------------------------------------------------------

@@ -42,3 +42,43 @@ def plot_curves(metrics_jsonl: str, out_png: str, title: str = "") -> str:
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def plot_comparison(doc: dict, out_png: str, metric: str = "NDCG@10", split: str = "test") -> str:
+    """PNG of a compare.json document: one panel per query group that has a kind (or per positive
+    modality when the data records no kinds), bars = variants, x = caption-keep rate, mean with
+    the seeds' sd as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = [v for v in doc["variants"] if v.get("summary", {}).get(split)]
+    if not variants:
+        raise ValueError(f"no variant has {split} results to plot")
+    results = variants[0]["summary"][split]
+    rates = list(results)
+    groups = [g for g in results[rates[0]] if g.startswith("kind:")] or \
+        [g for g in results[rates[0]] if g in ("image", "text")]
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups) + 1, 3.4), sharey=True, squeeze=False)
+    width = 0.8 / len(variants)
+    for ax, group in zip(axes[0], groups):
+        for i, v in enumerate(variants):
+            cells = [((v["summary"][split].get(r) or {}).get(group) or {}).get(metric) or {} for r in rates]
+            means = [c.get("mean") or 0.0 for c in cells]
+            sds = [c.get("sd") or 0.0 for c in cells]
+            ax.bar([x + (i - (len(variants) - 1) / 2) * width for x in range(len(rates))], means, width,
+                   yerr=sds, capsize=2, label=v["name"])
+        ax.set_xticks(range(len(rates)), [f"keep {r}" for r in rates])
+        ax.set_title(group.removeprefix("kind:"))
+        ax.set_ylim(0, 105)
+    axes[0][0].set_ylabel(f"{split} {metric}")
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    n = len(doc.get("seeds", []))
+    steps = (doc.get("budget") or {}).get("steps")
+    fig.suptitle(f"{doc.get('preset')} on {doc.get('data')}: mean of {n} seeds"
+                 + (f", {steps} steps each" if steps else "") + " (error bars: sd)")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
