@@ -191,7 +191,7 @@ def render_markdown(doc: dict, split: str = "test") -> str:
     lines += _table(["variant", "fusion", "caption dropout", "mix-in", "steps", "best step", "minutes"], rows)
 
     diag = {v["key"]: _leaves(v["summary"].get("diagnostics")) for v in variants}
-    columns = [c for c in dict.fromkeys(c for d in diag.values() for c in d) 
+    columns = [c for c in dict.fromkeys(c for d in diag.values() for c in d)
                if not c.endswith(("n_items", "seed", "_pairs"))]  # counts and the draw's seed are no results
     if columns:
         short = [c.rsplit(".", 1)[-1] for c in columns]
