@@ -120,7 +120,7 @@ def test_trainer_caches_a_frozen_tower_and_fine_tunes_an_unfrozen_one(tmp_path, 
     import mimic_engine.data as data_mod
     from mimic_engine.encoder import MimicEncoder
     from mimic_engine.training.loop import Trainer
-    from mimic_engine.training.options import parse_options
+    from mimic_engine.training.cli import parse_options
     from tests.test_training import synthetic_dataset
 
     ds = synthetic_dataset()

@@ -55,6 +55,10 @@ class DecoderFusion(_FusionBase):
             self.modality_embed = nn.Parameter(torch.zeros(2, h))  # added to text (0) and visual (1) memory
 
     def forward(self, input_ids, attention_mask, visual_tokens, visual_mask):
+        return self.finish(self.pool(input_ids, attention_mask, visual_tokens, visual_mask))
+
+    def pool(self, input_ids, attention_mask, visual_tokens, visual_mask) -> torch.Tensor:
+        """The decoder's first output state, before the head and the normalisation: (B, H)."""
         text_states = self.text(input_ids=input_ids, attention_mask=_encoder_mask(attention_mask))  # (B, T, H)
         visual_tokens = visual_tokens.to(text_states.dtype)  # (B, V, H)
         if self.memory_norm:
@@ -63,7 +67,7 @@ class DecoderFusion(_FusionBase):
             visual_tokens = self.visual_memory_norm(visual_tokens) + embed[1]
         memory = torch.cat([text_states, visual_tokens], dim=1)  # (B, T+V, H)
         memory_mask = torch.cat([attention_mask, visual_mask.to(attention_mask.dtype)], dim=1)  # (B, T+V)
-        return self.finish(self.decoder(memory, memory_mask))
+        return self.decoder(memory, memory_mask)
 
 
 class EarlyFusion(_FusionBase):

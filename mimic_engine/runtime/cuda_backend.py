@@ -344,13 +344,8 @@ class CudaGraphBackend(Backend):
             return fs(input_ids, attention_mask, visual_tokens, visual_mask).float()
         from mimic_engine.kernels.l2norm import linear_l2norm
 
-        from ..modeling.fusion import _encoder_mask
-
         # DecoderFusion.forward with the head + L2 normalisation fused (parity is tested against it)
-        text_states = fs.text(input_ids=input_ids, attention_mask=_encoder_mask(attention_mask))  # (B, T, H)
-        memory = torch.cat([text_states, visual_tokens.to(text_states.dtype)], dim=1)  # (B, T+V, H)
-        memory_mask = torch.cat([attention_mask, visual_mask.to(attention_mask.dtype)], dim=1)  # (B, T+V)
-        pooled = fs.decoder(memory, memory_mask)  # (B, H)
+        pooled = fs.pool(input_ids, attention_mask, visual_tokens, visual_mask)  # (B, H)
         head = fs.head if isinstance(fs.head, nn.Linear) else None  # None: identity (no projection)
         return linear_l2norm(pooled, getattr(head, "weight", None), getattr(head, "bias", None))  # (B, E) fp32
 
