@@ -5,8 +5,8 @@
 
 What it does to the model (a private copy; the caller's model is untouched):
 0. EfficientNet image towers: every BatchNorm is folded into its convolution (`fold_batchnorm`);
-   the convolutions then run in fp16 like the matmuls (cuDNN; no island: their ReLU6 activations
-   are bounded).
+   the convolutions then run in fp16 like the matmuls (cuDNN; no island: every expansion ends in
+   ReLU6, so activations stay far below fp16's range).
 1. `swap_t5_stacks`: every HF `T5Stack` (T5 text encoder, fusion decoder) becomes a `FastT5Stack`
    (fused QKV, relative-position-bias attention kernel, residual add + RMS norm kernel, one-step
    decoder shortcut; see `mimic_engine.kernels.t5`); `swap_quick_gelu`: CLIP's QuickGELU becomes
