@@ -1,9 +1,9 @@
 """What `mimic-engine serve` and `search` open: a backend and an index, with the demo set-up as default.
 
 With no model and no index given, both use the demo setup, built on first use so they work on a
-fresh machine: the demo model `<home>/demo-model/ckpt.pt` (trained once, about 3-4 minutes on 2 CPU
-cores) and the index `<home>/demo-index` (filled from the demo corpus when empty); `<home>` is
-$MIMIC_HOME or ~/.cache/mimic-engine.
+fresh machine: the demo model `<home>/demo-model-v<N>/ckpt.pt` (trained once, about 3-4 minutes on 2 CPU
+cores) and the index `<home>/demo-index-v<N>` (filled from the demo corpus when empty), N being the demo
+corpus version; `<home>` is $MIMIC_HOME or ~/.cache/mimic-engine.
 """
 from __future__ import annotations
 
@@ -20,17 +20,20 @@ def _stderr(message: str) -> None:
 
 
 def demo_paths():
-    """-> (the demo checkpoint, the demo index folder) under the mimic-engine home."""
+    """-> (the demo checkpoint, the demo index folder) under the mimic-engine home. Both are named after
+    the demo corpus version, so a model trained on an earlier corpus is never served with a newer one
+    (a new version trains and indexes afresh; the old folders can be deleted)."""
     from ..data import default_home
+    from ..data.demo import FORMAT_VERSION
 
     home = default_home()
-    return home / "demo-model" / "ckpt.pt", home / "demo-index"
+    return home / f"demo-model-v{FORMAT_VERSION}" / "ckpt.pt", home / f"demo-index-v{FORMAT_VERSION}"
 
 
 def ensure_demo_model(echo: Callable[[str], None] = _stderr) -> str:
     """The demo checkpoint, trained first if missing (once per machine).
 
-    Training runs in `demo-model.partial/` and the folder is renamed into place only when training
+    Training runs in `demo-model-v<N>.partial/` and the folder is renamed into place only when training
     and its final evaluation have finished, so an interrupted first start never leaves a half-trained
     model that later starts would take for the real one; the next start resumes from its last.pt.
     """
