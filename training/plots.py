@@ -62,19 +62,20 @@ def plot_comparison(doc: dict, out_png: str, metric: str = "NDCG@10", split: str
         [g for g in results[rates[0]] if g in ("image", "text")]
     fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups) + 1, 3.4), sharey=True, squeeze=False)
     width = 0.8 / len(variants)
+    counts = {len(v.get("runs", [])) for v in variants}  # seeds per variant
     for ax, group in zip(axes[0], groups):
         for i, v in enumerate(variants):
             cells = [((v["summary"][split].get(r) or {}).get(group) or {}).get(metric) or {} for r in rates]
             means = [c.get("mean") or 0.0 for c in cells]
             sds = [c.get("sd") or 0.0 for c in cells]
             ax.bar([x + (i - (len(variants) - 1) / 2) * width for x in range(len(rates))], means, width,
-                   yerr=sds, capsize=2, label=v["name"])
+                   yerr=sds, capsize=2, label=v["name"] + ("" if len(counts) == 1 else f" ({len(v['runs'])} seeds)"))
         ax.set_xticks(range(len(rates)), [f"keep {r}" for r in rates])
         ax.set_title(group.removeprefix("kind:"))
         ax.set_ylim(0, 105)
     axes[0][0].set_ylabel(f"{split} {metric}")
     axes[0][-1].legend(fontsize=7, loc="lower left")
-    n = len(doc.get("seeds", []))
+    n = f"{max(counts)}" if len(counts) == 1 else f"{min(counts)}-{max(counts)}"
     steps = (doc.get("budget") or {}).get("steps")
     fig.suptitle(f"{doc.get('preset')} on {doc.get('data')}: mean of {n} seeds"
                  + (f", {steps} steps each" if steps else "") + " (error bars: sd)")
