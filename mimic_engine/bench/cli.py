@@ -12,6 +12,8 @@ import sys
 import tempfile
 
 import click
+
+from ..cli_options import device_option
 from click.core import ParameterSource
 
 from ..config import FUSIONS, PRESETS
@@ -79,8 +81,7 @@ JSON_OPTION = click.option("--json", "json_path", type=click.Path(dir_okay=False
 @click.option("--backends", default=default(BenchOptions, "backends"), show_default=True,
               help="'all' (every backend this machine can load) or a comma list, e.g. torch,onnx-optimized. "
                    "The eager fp32 baseline always runs.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=default(BenchOptions, "device"),
-              show_default=True)
+@device_option(default=default(BenchOptions, "device"))
 @click.option("--text-len", type=click.IntRange(min=2), default=default(InputSpec, "text_tokens"),
               show_default="the model's max_length", help="Tokens per item text, special tokens included.")
 @click.option("--images-per-item", type=click.IntRange(min=0), default=default(InputSpec, "images_per_item"),
