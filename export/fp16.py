@@ -2,7 +2,7 @@
 kept in fp32 by explicit Cast nodes (so a strongly typed TensorRT network, or ONNX Runtime's CUDA
 provider, runs exactly the precision the graph says).
 
-Kept in fp32 (DESIGN.md 4: T5 in fp16 overflows in the FFN output and the RMS norm):
+Kept in fp32 (T5 in fp16 overflows in the FFN output and the RMS norm):
 - every norm: T5's RMS norm (`layer_norm`, `final_layer_norm`), BERT's and CLIP's LayerNorm;
 - every FFN output projection: T5 `DenseReluDense/wo`, BERT `layer.N/output/dense`, CLIP `mlp/fc2`;
 - Softmax and the Add/Where that feeds it (scores + mask): a mask built from the fp32 minimum
