@@ -407,7 +407,7 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
 
 
 def test_kernels_package_init_stays_import_free():
-    """transformers probes `import kernels`; the package's __init__ must hold a docstring only (see DESIGN)."""
+    """transformers probes `import kernels`; the package's __init__ must hold a docstring only."""
     import ast
 
     import mimic_engine.kernels as pkg
