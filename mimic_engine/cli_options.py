@@ -39,12 +39,15 @@ class DeviceType(click.ParamType):
 
 
 class CommaList(click.ParamType):
-    """A comma-separated list, e.g. "1.0,0.5,0.0" -> (1.0, 0.5, 0.0); optionally bounded to [low, high]."""
+    """A comma-separated list, e.g. "1.0,0.5,0.0" -> (1.0, 0.5, 0.0); optionally bounded to [low, high]
+    or to a set of `choices`."""
 
     name = "list"
 
-    def __init__(self, item=float, low=None, high=None, example: str = "1,2,3", what: str = "numbers"):
+    def __init__(self, item=float, low=None, high=None, example: str = "1,2,3", what: str = "numbers",
+                 choices: tuple | None = None):
         self.item, self.low, self.high, self.example, self.what = item, low, high, example, what
+        self.choices = choices
 
     def get_metavar(self, param, ctx=None):
         return "X,Y,..."
@@ -62,6 +65,10 @@ class CommaList(click.ParamType):
         if bad:
             bounds = f"in [{self.low:g}, {self.high:g}]" if self.high is not None else f">= {self.low:g}"
             self.fail(f"{value!r}: {bad} out of range; every value must be {bounds}, e.g. {self.example}", param, ctx)
+        unknown = [v for v in values if self.choices is not None and v not in self.choices]
+        if unknown:
+            self.fail(f"{value!r}: unknown {unknown}; choose from {', '.join(self.choices)}, e.g. {self.example}",
+                      param, ctx)
         return values
 
 
@@ -71,6 +78,7 @@ FLOATS = CommaList(float, example="1.0,0.5", what="numbers")
 CAPTION_KEEP_RATES = CommaList(float, 0.0, 1.0, example="1.0,0.5,0.0", what="caption-keep rates in [0, 1]")
 CAPTION_KEEP_RATE = click.FloatRange(0.0, 1.0)
 SEEDS = CommaList(int, 0, None, example="0,1,2", what="non-negative integer seeds")
+PRESET_LIST = CommaList(str, example="small,small-effnet", what="presets", choices=PRESETS)
 
 
 def comma(values) -> str:
@@ -130,11 +138,17 @@ def preset_option(default: str | None = "small", **kw):
     return _option("--preset", type=click.Choice(PRESETS), default=default, **kw)
 
 
+def presets_option(default, **kw):
+    """--preset A,B,...: several presets, each a separate set of runs (`mimic-engine compare`)."""
+    kw.setdefault("help", "Comma-separated model size presets (mimic_engine.config); each is a separate set of runs.")
+    return _option("--preset", "presets", type=PRESET_LIST, default=comma(default), **kw)
+
+
 def fusion_option(default: str | None = "decoder", **kw):
     kw.setdefault("help", "decoder = MiMIC, early = MARVEL-style, late = UniVL-DR-style.")
     return _option("--fusion", type=click.Choice(FUSIONS), default=default, **kw)
 
 
 __all__ = ["CAPTION_KEEP_RATE", "CAPTION_KEEP_RATES", "CommaList", "DATA_KINDS", "DEVICE", "DeviceType", "FLOATS",
-           "INTS", "SEEDS", "caption_keep_option", "comma", "data_options", "device_option", "fusion_option",
-           "preset_option", "seed_option", "seeds_option", "threads_option"]
+           "INTS", "PRESET_LIST", "SEEDS", "caption_keep_option", "comma", "data_options", "device_option", "fusion_option",
+           "preset_option", "presets_option", "seed_option", "seeds_option", "threads_option"]

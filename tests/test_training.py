@@ -238,11 +238,28 @@ def test_compare_and_mine_commands_on_a_tiny_model(tmp_path, monkeypatch):
     assert doc["variants"][0]["strategy"]["mixin"] == 0.0  # the baseline trains without the strategies
     md = (out / "compare.md").read_text()
     assert "equal steps: 2 per run" in md and "## caption-keep 0.0" in md and " ± " in md
-    assert (out / "late" / "seed-1" / "ckpt.pt").is_file()
+    assert (out / "tiny" / "late" / "seed-1" / "ckpt.pt").is_file()
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the chart
+    assert doc["presets"] == ["tiny"] and doc["variants"][0]["tower"] == "ViT, from scratch"
+    assert not any(r["reused"] for r in doc["variants"][0]["runs"])
+
+    # The same command again reads the finished runs back; a third seed is trained, the others reused.
+    result = CliRunner().invoke(cli, ["compare", "--preset", "tiny", "--data", "jsonl", "--variants", "late",
+                                      "--seeds", "0,1,2", "--steps", "2", "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    again = json.loads((out / "compare.json").read_text())
+    assert [r["reused"] for r in again["variants"][0]["runs"]] == [True, True, False]
+    assert again["variants"][0]["runs"][1]["report"] == doc["variants"][0]["runs"][1]["report"]
+    assert again["variants"][0]["runs"][1]["steps"] == 2 and "reusing the finished run" in result.output
+    # Another budget is another run: nothing is reused, and the output says why.
+    result = CliRunner().invoke(cli, ["compare", "--preset", "tiny", "--data", "jsonl", "--variants", "late",
+                                      "--seeds", "0", "--steps", "3", "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "steps=2 (now 3)" in result.output
+    assert json.loads((out / "compare.json").read_text())["variants"][0]["runs"][0]["steps"] == 3
 
     mined = tmp_path / "mined.json"
-    result = CliRunner().invoke(cli, ["mine", "--model", str(out / "late" / "seed-0" / "ckpt.pt"), "--data", "jsonl",
+    result = CliRunner().invoke(cli, ["mine", "--model", str(out / "tiny" / "late" / "seed-0" / "ckpt.pt"), "--data", "jsonl",
                                       "--top", "5", "--device", "cpu", "--out", str(mined)])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in mined.read_text().splitlines()]
@@ -282,3 +299,26 @@ def test_compare_tables_render_every_metric_group_present():
     assert "| conjunctive | M | 20.00 ± 14.14 | - |" in md
     assert "| all | M | 55.00 ± 7.07 | 56.00 ± 7.07 |" in md and "| image | M | - | - |" in md
     assert "collapse ratio" in md and "5.5000 ± 0.7071" in md
+
+
+def test_compare_kind_table_has_a_row_per_preset_and_variant():
+    from mimic_engine.training.comparison import render_markdown, summarise
+
+    def run(ndcg, shift):
+        groups = {"all": {"NDCG@10": ndcg}, "kind:pixel-only": {"NDCG@10": ndcg - 10, "MRR@10": ndcg - 5}}
+        return {"steps": 3, "best_step": 3, "minutes": 0.1, "reused": False,
+                "report": {"test": {"results": {"1.0": groups, "0.0": groups}},
+                           "diagnostics": {"modality_collapse": {"same_caption_image_swap_shift": shift,
+                                                                 "collapse_ratio": 2.0}}}}
+
+    variants = [{"key": "mimic", "name": "M", "preset": preset, "tower": tower, "fusion": "decoder",
+                 "strategy": {}, "runs": runs, "summary": summarise(runs)}
+                for preset, tower, runs in (("small", "ViT, from scratch", [run(90.0, 0.03), run(80.0, 0.05)]),
+                                            ("small-effnet", "EfficientNet-Lite0, pretrained, frozen", [run(99.0, 0.04)]))]
+    doc = {"presets": ["small", "small-effnet"], "data": "demo", "seeds": [0, 1], "budget": {"steps": 3},
+           "variants": variants}
+    md = render_markdown(doc)
+    assert "## NDCG@10 per query kind and caption-keep rate" in md
+    assert "| tower | variant | pixel-only 1.0 | pixel-only 0.0 | same-caption shift | collapse ratio | seeds |" in md
+    assert "| ViT, from scratch | M (small) | 75.0 ± 7.1 | 75.0 ± 7.1 | 0.0400 ± 0.0141 | 2.00 ± 0.00 | 2 |" in md
+    assert "| EfficientNet-Lite0, pretrained, frozen | M (small-effnet) | 89.0 | 89.0 | 0.0400 | 2.00 | 1 |" in md

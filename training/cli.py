@@ -17,7 +17,7 @@ import click
 from click.core import ParameterSource
 
 from mimic_engine.cli_options import (caption_keep_option, data_options, device_option, fusion_option,
-                                      preset_option, seed_option, seeds_option)
+                                      preset_option, presets_option, seed_option, seeds_option)
 from mimic_engine.config import PRESETS, TrainingStrategy
 
 from .comparison import ABLATIONS, ALL_VARIANTS, DEFAULT_SEEDS, DEFAULT_STEPS
@@ -155,7 +155,7 @@ def train_command(ctx, **_):
 
 
 @click.command("compare", context_settings=SETTINGS)
-@preset_option(default=DEFAULTS.preset)
+@presets_option(default=(DEFAULTS.preset,))
 @data_options(default=DEFAULTS.data)
 @device_option(default=DEFAULTS.device)
 @click.option("--steps", type=click.IntRange(min=1), default=DEFAULT_STEPS, show_default=True,
@@ -169,19 +169,23 @@ def train_command(ctx, **_):
                    "plus the ablations with --ablations].")
 @click.option("--ablations", is_flag=True, help=f"Also run: {', '.join(ABLATIONS)}.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/compare", show_default=True,
-              help="Output folder: OUT/compare.md, OUT/compare.json, OUT/<variant>/seed-<s>/.")
+              help="Output folder: OUT/compare.md, OUT/compare.json, OUT/compare.png, OUT/<preset>/<variant>/seed-<s>/.")
+@click.option("--reuse/--no-reuse", default=True, show_default=True,
+              help="Read back a run already finished in OUT with the same options instead of training it again.")
 @click.pass_context
-def compare_command(ctx, preset, data_kind, data_dir, device, steps, minutes, seeds, variants, ablations, out):
-    """MiMIC against the MARVEL-style (early) and UniVL-DR-style (late) baselines: same preset, data
-    and budget, each variant once per seed; test metrics at caption-keep 1.0 / 0.5 / 0.0 and the
-    diagnostics as mean ± sd over the seeds, in OUT/compare.md and OUT/compare.json."""
+def compare_command(ctx, presets, data_kind, data_dir, device, steps, minutes, seeds, variants, ablations, out, reuse):
+    """MiMIC against the MARVEL-style (early) and UniVL-DR-style (late) baselines: same data and
+    budget, each variant once per seed and preset (e.g. `--preset small,small-effnet` for both image
+    towers); test metrics per query kind at caption-keep 1.0 / 0.5 / 0.0 and the diagnostics as
+    mean ± sd over the seeds, in OUT/compare.md and OUT/compare.json."""
     from .comparison import run_comparison, select_variants, render_markdown
 
     chosen = select_variants([v.strip() for v in variants.split(",") if v.strip()] if variants else None, ablations)
     if minutes is not None and ctx.get_parameter_source("steps") == ParameterSource.DEFAULT:
         steps = None  # an equal-time comparison: the clock alone ends every run
-    base = dataclasses.replace(DEFAULTS, preset=preset, data=data_kind, data_dir=data_dir, device=device)
-    doc = run_comparison(base, chosen, seeds, out, steps=steps, minutes=minutes, echo=click.echo)
+    base = dataclasses.replace(DEFAULTS, preset=presets[0], data=data_kind, data_dir=data_dir, device=device)
+    doc = run_comparison(base, chosen, seeds, out, steps=steps, minutes=minutes, presets=presets, reuse=reuse,
+                         echo=click.echo)
     click.echo("\n" + render_markdown(doc))
     return doc
 

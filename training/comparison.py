@@ -46,12 +46,12 @@ ABLATIONS = {v.key: v for v in (
 )}
 ALL_VARIANTS = {**VARIANTS, **ABLATIONS}
 DEFAULT_SEEDS = (0, 1, 2)
-# The step budget per run. Early fusion is the slowest per step (its visual tokens go through the
-# text tower, so the frozen tower's states cannot be cached): about 0.75 s/step on 2 idle CPU cores
-# (1000 steps in 12.7 minutes, dev evaluations included), MiMIC and late fusion about 0.15-0.2 s/step
-# (1119 and 900 steps in 3 minutes); so 400 steps are about 5 minutes for early fusion and 1-2 for
-# the others, on the `small` preset and the demo corpus.
-DEFAULT_STEPS = 400
+# The step budget per run: the budget of the published comparison (docs/results.md). On the
+# `small` preset and the demo corpus, one thread per run, MiMIC and late fusion take about 2-4
+# minutes per run, dev evaluations and the final report included; early fusion (its visual tokens go
+# through the text tower, so the frozen tower's states cannot be cached) about 10; `small-effnet`
+# adds the EfficientNet tower at 224 px (a one-time feature cache per run, then the final report).
+DEFAULT_STEPS = 300
 UNBOUNDED_STEPS = 10**9  # the step bound of an equal-time comparison: the clock ends every run
 
 
@@ -67,8 +67,9 @@ def select_variants(names: list[str] | None, ablations: bool) -> list[Variant]:
 
 def run_options(base: TrainOptions, variant: Variant, seed: int, out: str, steps: int | None,
                 minutes: float | None) -> TrainOptions:
-    """The options of one run. Equal steps: `steps`, no time limit, no early stopping. Equal time:
-    `minutes` per run (and `steps` as an upper bound if given), no early stopping."""
+    """The options of one run, written to OUT/<variant>/seed-<seed>. Equal steps: `steps`, no time
+    limit, no early stopping. Equal time: `minutes` per run (and `steps` as an upper bound if
+    given), no early stopping."""
     if minutes is None and steps is None:
         raise ValueError("give a step budget, a time budget or both")
     budget = {"steps": steps if steps is not None else UNBOUNDED_STEPS,
@@ -77,28 +78,94 @@ def run_options(base: TrainOptions, variant: Variant, seed: int, out: str, steps
                                out=os.path.join(out, variant.key, f"seed-{seed}"), **variant.overrides, **budget)
 
 
+# Options that say where or how visibly a run goes, not what it trains: a finished run is reused
+# whatever they are.
+_NOT_COMPARED = ("out", "progress", "resume")
+
+
+def finished_run(options: TrainOptions) -> tuple[dict | None, str]:
+    """(record, why) for the run `options` describe: its record when OUT already holds a finished
+    run (ckpt.pt, results.json, a "stopped" event in metrics.jsonl) trained with the same resolved
+    options, else None and the reason it must be trained."""
+    import torch
+
+    from .options import resolve_options
+
+    paths = {name: os.path.join(options.out, name) for name in ("ckpt.pt", "results.json", "metrics.jsonl")}
+    missing = [name for name, path in paths.items() if not os.path.isfile(path)]
+    if missing:
+        return None, f"no finished run there ({', '.join(missing)} missing)"
+    with open(paths["metrics.jsonl"], encoding="utf-8") as fh:
+        stops = [rec for rec in map(json.loads, fh) if rec.get("event") == "stopped"]
+    if not stops:
+        return None, "its metrics.jsonl has no 'stopped' event: the run was interrupted"
+    try:  # mmap: only the small meta dict is read, not the weights
+        meta = torch.load(paths["ckpt.pt"], map_location="cpu", weights_only=True, mmap=True).get("meta", {})
+    except Exception as exc:  # a truncated or foreign file: train again
+        return None, f"its ckpt.pt cannot be read ({exc.__class__.__name__})"
+    # an option the run's version did not have yet took its default then
+    defaults = TrainOptions().to_dict()
+    stored = {**defaults, **(meta.get("train_options") or {})}
+    wanted = resolve_options(options).options.to_dict()
+    differ = sorted(k for k in set(stored) | set(wanted) if k not in _NOT_COMPARED and stored.get(k) != wanted.get(k))
+    if differ:
+        return None, "it was trained with other options: " + ", ".join(
+            f"{k}={stored.get(k)!r} (now {wanted.get(k)!r})" for k in differ[:4])
+    with open(paths["results.json"], encoding="utf-8") as fh:
+        report = json.load(fh)
+    stop = stops[-1]
+    minutes = next((rec["elapsed_s"] / 60 for rec in reversed(stops) if rec.get("elapsed_s") is not None), None)
+    return {"seed": options.seed, "out": options.out, "checkpoint": paths["ckpt.pt"], "steps": stop.get("step"),
+            "best_step": stop.get("best_step"), "minutes": None if minutes is None else round(minutes, 3),
+            "stop_reason": stop.get("reason"), "options": stored, "commit": meta.get("commit"),
+            "reused": True, "report": report}, "reused"
+
+
+def tower_label(resolved) -> str:
+    """The image tower of a resolved run, for tables: 'ViT, from scratch' / 'EfficientNet-Lite0, pretrained, frozen'."""
+    vision, frozen = resolved.config.vision, "vision" in (resolved.options.freeze or ())
+    name = {"clip": "ViT", "efficientnet_lite": "EfficientNet-Lite0"}.get(vision.kind, vision.kind)
+    if not (vision.pretrained and not resolved.config.random_init):
+        return f"{name}, from scratch"
+    return f"{name}, pretrained, " + ("frozen" if frozen else "fine-tuned")
+
+
 def run_comparison(base: TrainOptions, variants: list[Variant], seeds, out: str, steps: int | None = None,
-                   minutes: float | None = None, echo: Callable[[str], None] = print) -> dict:
-    """Train and evaluate every variant once per seed -> the compare.json document (also written to OUT)."""
+                   minutes: float | None = None, presets: tuple[str, ...] | None = None, reuse: bool = True,
+                   echo: Callable[[str], None] = print) -> dict:
+    """Train and evaluate every variant once per seed and preset -> the compare.json document (also
+    written to OUT). Runs go to OUT/<preset>/<variant>/seed-<s>/; with `reuse`, a run already
+    finished there with the same options is read back instead of trained again (so an interrupted
+    comparison resumes, and more seeds or variants add to one table)."""
+    from .options import resolve_options
     from .run import run_training
 
+    presets = tuple(presets or (base.preset,))
     os.makedirs(out, exist_ok=True)
-    doc = {"preset": base.preset, "data": base.data, "data_dir": base.data_dir, "seeds": list(seeds),
+    doc = {"presets": list(presets), "data": base.data, "data_dir": base.data_dir, "seeds": list(seeds),
            "budget": {"steps": steps, "minutes": minutes, "early_stopping": False}, "variants": []}
-    for variant in variants:
-        runs = []
-        for seed in seeds:
-            opts = run_options(base, variant, seed, out, steps, minutes)
-            echo(f"\n=== {variant.name}, seed {seed} -> {opts.out}")
-            outcome = run_training(opts, echo=echo)
-            runs.append({"seed": seed, "out": opts.out, "checkpoint": outcome.checkpoint, "steps": outcome.steps,
-                         "best_step": outcome.best_step, "minutes": outcome.minutes,
-                         "stop_reason": outcome.stop_reason, "options": outcome.run.options.to_dict(),
-                         "report": outcome.report})
-        strategy = dataclasses.asdict(outcome.run.config.strategy)
-        doc["variants"].append({"key": variant.key, "name": variant.name, "fusion": variant.fusion,
-                                "strategy": strategy, "runs": runs, "summary": summarise(runs)})
-        write_outputs(doc, out)  # after every variant, so an interrupted comparison keeps what it measured
+    for name in presets:
+        for variant in variants:
+            runs = []
+            for seed in seeds:
+                opts = run_options(dataclasses.replace(base, preset=name), variant, seed,
+                                   os.path.join(out, name), steps, minutes)
+                record, why = finished_run(opts) if reuse else (None, "--no-reuse")
+                echo(f"\n=== {name} / {variant.name}, seed {seed} -> {opts.out}: "
+                     + ("reusing the finished run" if record else f"training ({why})"))
+                if record is None:
+                    outcome = run_training(opts, echo=echo)
+                    record = {"seed": seed, "out": opts.out, "checkpoint": outcome.checkpoint, "steps": outcome.steps,
+                              "best_step": outcome.best_step, "minutes": outcome.minutes,
+                              "stop_reason": outcome.stop_reason, "options": outcome.run.options.to_dict(),
+                              "reused": False, "report": outcome.report}
+                runs.append(record)
+            resolved = resolve_options(opts)
+            doc["variants"].append({"key": variant.key, "name": variant.name, "preset": name,
+                                    "tower": tower_label(resolved), "fusion": variant.fusion,
+                                    "strategy": dataclasses.asdict(resolved.config.strategy), "runs": runs,
+                                    "summary": summarise(runs)})
+            write_outputs(doc, out)  # after every variant, so an interrupted comparison keeps what it measured
     return doc
 
 
@@ -168,10 +235,46 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _presets(doc: dict) -> list[str]:
+    return doc.get("presets") or [doc["preset"]]  # compare.json before presets were a list: one preset
+
+
+def _label(v: dict, doc: dict) -> str:
+    """A variant's row label: its name, and its preset when the comparison has several."""
+    return v["name"] if len(_presets(doc)) == 1 else f"{v['name']} ({v.get('preset')})"
+
+
+# The diagnostics that sum a variant up in the kind table: does the image count when a caption is there?
+SUMMARY_DIAGNOSTICS = (("same-caption shift", "same_caption_image_swap_shift"), ("collapse ratio", "collapse_ratio"))
+
+
+def kind_table(doc: dict, metric: str, split: str = "test") -> list[str]:
+    """One row per variant (and preset): `metric` for every query kind ("kind:<k>" groups) at every
+    caption-keep rate, the modality-collapse diagnostics and the number of seeds. [] when the
+    evaluation recorded no kinds."""
+    variants = doc["variants"]
+    results = {id(v): v["summary"].get(split) or {} for v in variants}
+    rates = list(dict.fromkeys(r for res in results.values() for r in res))
+    kinds = list(dict.fromkeys(g for res in results.values() for r in rates for g in (res.get(r) or {})
+                               if g.startswith("kind:")))
+    if not kinds:
+        return []
+    head = ["tower", "variant"] + [f"{k.removeprefix('kind:')} {r}" for k in kinds for r in rates]
+    head += [label for label, _ in SUMMARY_DIAGNOSTICS] + ["seeds"]
+    rows = []
+    for v in variants:
+        collapse = ((v["summary"].get("diagnostics") or {}).get("modality_collapse")) or {}
+        cells = [_cell(((results[id(v)].get(r) or {}).get(k) or {}).get(metric), 1) for k in kinds for r in rates]
+        diagnostics = [_cell(collapse.get(key), 4 if "shift" in key else 2) for _, key in SUMMARY_DIAGNOSTICS]
+        rows.append([v.get("tower") or v.get("preset") or "-", _label(v, doc)] + cells + diagnostics
+                    + [str(len(v.get("runs", [])))])
+    return _table(head, rows)
+
+
 def render_markdown(doc: dict, split: str = "test") -> str:
-    """compare.md: the training budget per variant, the diagnostics, then one table per caption-keep
-    rate with a row per (query group, variant). Groups and metrics are those the evaluation wrote
-    (all / image / text today; any further group appears as it is added)."""
+    """compare.md: the per-kind summary tables (NDCG@10 and MRR@10, when the data has query kinds),
+    the training budget per variant, the diagnostics, then one table per caption-keep rate with a
+    row per (query group, variant). Groups and metrics are those the evaluation wrote."""
     variants = doc["variants"]
     budget = doc["budget"]
     if budget.get("minutes") is not None:
@@ -180,17 +283,25 @@ def render_markdown(doc: dict, split: str = "test") -> str:
     else:
         kind = f"equal steps: {budget['steps']} per run, no time limit"
     seeds = ", ".join(map(str, doc["seeds"]))
-    lines = [f"# Fusion comparison: preset {doc['preset']}, data {doc['data']}, {split} split", "",
+    presets = ", ".join(_presets(doc))
+    lines = [f"# Fusion comparison: preset {presets}, data {doc['data']}, {split} split", "",
              f"Budget: {kind}, no early stopping (the checkpoint is selected on dev, the same rule for every "
-             f"variant). Seeds {seeds}: every number is the mean ± sample sd over the seeds; retrieval metrics x100.", "", "## Training", ""]
+             f"variant). Seeds {seeds}: every number is the mean ± sample sd over the seeds; retrieval metrics x100."]
+    for metric in ("NDCG@10", "MRR@10"):
+        table = kind_table(doc, metric, split)
+        if table:
+            lines += ["", f"## {metric} per query kind and caption-keep rate", ""] + table
+    lines += ["", "## Training", ""]
     rows = []
     for v in variants:
         s, strat = v["summary"], v["strategy"]
-        rows.append([v["name"], v["fusion"], str(strat.get("caption_dropout")), str(strat.get("mixin")),
-                     _cell(s["steps"], 0), _cell(s["best_step"], 0), _cell(s["minutes"], 2)])
-    lines += _table(["variant", "fusion", "caption dropout", "mix-in", "steps", "best step", "minutes"], rows)
+        reused = sum(bool(r.get("reused")) for r in v.get("runs", []))
+        rows.append([_label(v, doc), v["fusion"], str(strat.get("caption_dropout")), str(strat.get("mixin")),
+                     _cell(s["steps"], 0), _cell(s["best_step"], 0), _cell(s["minutes"], 2), str(reused)])
+    lines += _table(["variant", "fusion", "caption dropout", "mix-in", "steps", "best step", "minutes",
+                     "runs reused"], rows)
 
-    diag = {v["key"]: _leaves(v["summary"].get("diagnostics")) for v in variants}
+    diag = {id(v): _leaves(v["summary"].get("diagnostics")) for v in variants}
     columns = [c for c in dict.fromkeys(c for d in diag.values() for c in d)
                if not c.endswith(("n_items", "seed", "_pairs"))]  # counts and the draw's seed are no results
     if columns:
@@ -198,9 +309,9 @@ def render_markdown(doc: dict, split: str = "test") -> str:
         labels = [s if short.count(s) == 1 else c for s, c in zip(short, columns)]
         lines += ["", f"## Diagnostics ({split} split)", ""]
         lines += _table(["variant"] + [lab.replace("_", " ") for lab in labels],
-                        [[v["name"]] + [_cell(diag[v["key"]].get(c), 4) for c in columns] for v in variants])
+                        [[_label(v, doc)] + [_cell(diag[id(v)].get(c), 4) for c in columns] for v in variants])
 
-    results = {v["key"]: v["summary"].get(split) or {} for v in variants}
+    results = {id(v): v["summary"].get(split) or {} for v in variants}
     rates = list(dict.fromkeys(r for res in results.values() for r in res))
     for rate in rates:
         groups = list(dict.fromkeys(g for res in results.values() for g in (res.get(rate) or {})))
@@ -209,8 +320,8 @@ def render_markdown(doc: dict, split: str = "test") -> str:
         rows = []
         for group in groups:
             for v in variants:
-                stats = ((results[v["key"]].get(rate) or {}).get(group)) or {}
-                rows.append([group, v["name"]] + [_cell(stats.get(m)) for m in metrics])
+                stats = ((results[id(v)].get(rate) or {}).get(group)) or {}
+                rows.append([group, _label(v, doc)] + [_cell(stats.get(m)) for m in metrics])
         lines += ["", f"## caption-keep {rate}", ""]
         lines += _table(["queries", "variant"] + metrics, rows)
     return "\n".join(lines)

@@ -45,9 +45,9 @@ def plot_curves(metrics_jsonl: str, out_png: str, title: str = "") -> str:
 
 
 def plot_comparison(doc: dict, out_png: str, metric: str = "NDCG@10", split: str = "test") -> str:
-    """PNG of a compare.json document: one panel per query group that has a kind (or per positive
-    modality when the data records no kinds), bars = variants, x = caption-keep rate, mean with
-    the seeds' sd as error bars."""
+    """PNG of a compare.json document: one row of panels per preset (image tower), one panel per
+    query group that has a kind (or per positive modality when the data records no kinds), bars =
+    variants, x = caption-keep rate, mean with the seeds' sd as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,28 +56,34 @@ def plot_comparison(doc: dict, out_png: str, metric: str = "NDCG@10", split: str
     variants = [v for v in doc["variants"] if v.get("summary", {}).get(split)]
     if not variants:
         raise ValueError(f"no variant has {split} results to plot")
+    presets = list(dict.fromkeys(v.get("preset", doc.get("preset")) for v in variants))
     results = variants[0]["summary"][split]
     rates = list(results)
     groups = [g for g in results[rates[0]] if g.startswith("kind:")] or \
         [g for g in results[rates[0]] if g in ("image", "text")]
-    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups) + 1, 3.4), sharey=True, squeeze=False)
-    width = 0.8 / len(variants)
+    fig, axes = plt.subplots(len(presets), len(groups), figsize=(3.2 * len(groups) + 1, 3.4 * len(presets)),
+                             sharey=True, squeeze=False)
     counts = {len(v.get("runs", [])) for v in variants}  # seeds per variant
-    for ax, group in zip(axes[0], groups):
-        for i, v in enumerate(variants):
-            cells = [((v["summary"][split].get(r) or {}).get(group) or {}).get(metric) or {} for r in rates]
-            means = [c.get("mean") or 0.0 for c in cells]
-            sds = [c.get("sd") or 0.0 for c in cells]
-            ax.bar([x + (i - (len(variants) - 1) / 2) * width for x in range(len(rates))], means, width,
-                   yerr=sds, capsize=2, label=v["name"] + ("" if len(counts) == 1 else f" ({len(v['runs'])} seeds)"))
-        ax.set_xticks(range(len(rates)), [f"keep {r}" for r in rates])
-        ax.set_title(group.removeprefix("kind:"))
-        ax.set_ylim(0, 105)
-    axes[0][0].set_ylabel(f"{split} {metric}")
-    axes[0][-1].legend(fontsize=7, loc="lower left")
+    for row, name in zip(axes, presets):
+        members = [v for v in variants if v.get("preset", doc.get("preset")) == name]
+        width = 0.8 / len(members)
+        for ax, group in zip(row, groups):
+            for i, v in enumerate(members):
+                cells = [((v["summary"][split].get(r) or {}).get(group) or {}).get(metric) or {} for r in rates]
+                means = [c.get("mean") or 0.0 for c in cells]
+                sds = [c.get("sd") or 0.0 for c in cells]
+                ax.bar([x + (i - (len(members) - 1) / 2) * width for x in range(len(rates))], means, width,
+                       yerr=sds, capsize=2,
+                       label=v["name"] + ("" if len(counts) == 1 else f" ({len(v['runs'])} seeds)"))
+            ax.set_xticks(range(len(rates)), [f"keep {r}" for r in rates])
+            ax.set_title(group.removeprefix("kind:") + ("" if len(presets) == 1 else f" ({members[0].get('tower') or name})"),
+                         fontsize=9)
+            ax.set_ylim(0, 105)
+        row[0].set_ylabel(f"{split} {metric}")
+        row[-1].legend(fontsize=7, loc="lower left")
     n = f"{max(counts)}" if len(counts) == 1 else f"{min(counts)}-{max(counts)}"
     steps = (doc.get("budget") or {}).get("steps")
-    fig.suptitle(f"{doc.get('preset')} on {doc.get('data')}: mean of {n} seeds"
+    fig.suptitle(f"{', '.join(presets)} on {doc.get('data')}: mean of {n} seeds"
                  + (f", {steps} steps each" if steps else "") + " (error bars: sd)")
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
