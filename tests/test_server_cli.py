@@ -147,4 +147,12 @@ def test_interrupted_demo_training_resumes_instead_of_serving_a_half_trained_mod
 
     ckpt = ensure_demo_model()
     assert calls and calls[0].resume == str(partial / "last.pt")
+    # the demo model is the published comparison's MiMIC run for seed 0: equal steps, no time limit
+    import dataclasses
+
+    from mimic_engine.training.comparison import DEFAULT_STEPS, VARIANTS, run_options
+    from mimic_engine.training.options import TrainOptions
+    published = run_options(TrainOptions(preset="small", data="demo"), VARIANTS["mimic"], 0, "x", DEFAULT_STEPS, None)
+    assert dataclasses.replace(calls[0], out=published.out, resume=None, progress=False) == published
+    assert (calls[0].steps, calls[0].max_minutes, calls[0].patience) == (DEFAULT_STEPS, 0.0, 0)
     assert ckpt == str(tmp_path / "home" / f"demo-model-v{DEMO_VERSION}" / "ckpt.pt")
