@@ -310,9 +310,10 @@ class MilvusIndex(VectorIndex):
         self._check_open()
         with self._write_mutex, self._rw.read():
             self._check_open()
-            if not self._client.get(self.collection, ids=[doc_id], output_fields=["id"], consistency_level=STRONG):
+            if not self._client.query(self.collection, filter=_ids_filter([doc_id]), output_fields=["id"],
+                                      consistency_level=STRONG):
                 return False
-            self._client.delete(self.collection, ids=[doc_id])
+            self._client.delete(self.collection, filter=_ids_filter([doc_id]))
         return True
 
     def flush(self) -> None:
@@ -325,7 +326,8 @@ class MilvusIndex(VectorIndex):
     def _get(self, ids: list[str], fields: list[str]) -> list[dict]:
         with self._rw.read():
             self._check_open()
-            return self._client.get(self.collection, ids=ids, output_fields=fields, consistency_level=STRONG)
+            return self._client.query(self.collection, filter=_ids_filter(ids), output_fields=fields,
+                                      consistency_level=STRONG)
 
     def get(self, doc_id: str) -> StoredDocument | None:
         rows = self._get([doc_id], OUTPUT_FIELDS)
@@ -336,7 +338,8 @@ class MilvusIndex(VectorIndex):
         return np.asarray(rows[0]["vector"], dtype=np.float32) if rows else None
 
     def existing_ids(self, ids: list[str]) -> set[str]:
-        return {r["id"] for r in self._get(list(ids), ["id"])} if ids else set()
+        ids = list(ids)  # in parts: a Milvus query returns at most 16384 rows
+        return {r["id"] for lo in range(0, len(ids), 4096) for r in self._get(ids[lo:lo + 4096], ["id"])}
 
     def count(self, modality: str | None = None) -> int:
         check_modality(modality)
@@ -387,6 +390,12 @@ class MilvusIndex(VectorIndex):
 
     def __repr__(self):
         return f"MilvusIndex({self.path!r}, dim={self.dim}, model_id={self.model_id!r})"
+
+
+def _ids_filter(ids: list[str]) -> str:
+    """`id in [...]` with each id a JSON string literal: pymilvus's own ids= path does not escape a backslash,
+    and a quote or backslash inside an id must never change the expression."""
+    return "id in [" + ", ".join(json.dumps(i, ensure_ascii=False) for i in ids) + "]"
 
 
 def _modality_filter(modality: str | None) -> str:
