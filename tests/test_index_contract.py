@@ -1,4 +1,5 @@
-"""The index interface's contract, run against every backend: the hnswlib + SQLite folder and Milvus Lite.
+"""The index interface's contract, run against every backend: the hnswlib + SQLite folder, Milvus Lite,
+and (marked slow) a real Milvus standalone server from PyPI's `milvus` package on loopback ports.
 
 upsert / replace / delete / get / search / modality filter / reopen / model-id refusal / bad input; then
 what only Milvus has (its field limits, one process per Milvus Lite file) and the `--index` selection.
@@ -6,8 +7,13 @@ what only Milvus has (its field limits, one process per Milvus Lite file) and th
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
+import uuid
 
 import numpy as np
 import pytest
@@ -33,12 +39,65 @@ def docs_for(ids, modality=lambda i: "text" if i % 4 else "image"):
             for i in ids]
 
 
-@pytest.fixture(params=["folder", "milvus-lite"])
+SERVER_START_S = 300  # the first start unpacks the server's binaries
+SERVER_LIFETIME_S = 900  # a watchdog kills the server after this, so a hung call cannot hang the run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def milvus_server(tmp_path_factory):
+    """PyPI's `milvus` standalone server in its own process group, stopped by SIGKILL to that group (it
+    ignores SIGTERM). -> its URI. It listens on all interfaces whatever its configuration says; the
+    components advertise 127.0.0.1, so all of this test's traffic stays on loopback."""
+    pytest.importorskip("milvus", reason="the Milvus server package is not installed: pip install milvus")
+    pytest.importorskip("pymilvus", reason="pymilvus is not installed: pip install 'mimic-engine[milvus]'")
+    import shutil
+
+    exe = shutil.which("milvus-server") or pytest.skip("the milvus package's milvus-server command is not on PATH")
+    root = tmp_path_factory.mktemp("milvus-server")
+    port = free_port()
+    loopback = [a for c in ("proxy", "rootCoord", "queryCoord", "queryNode", "indexNode", "dataCoord", "dataNode")
+                for a in ("--extra-config", f"{c}.ip=127.0.0.1")]
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen([exe, "--data", str(root / "data"), "--proxy-port", str(port), *loopback],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill():
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group: the wrapper and the milvus binary it started
+        except ProcessLookupError:
+            pass
+
+    watchdog = threading.Timer(SERVER_LIFETIME_S, kill)
+    watchdog.start()
+    try:
+        deadline = time.time() + SERVER_START_S
+        while b"Welcome to use Milvus" not in (root / "server.log").read_bytes():
+            if proc.poll() is not None or time.time() > deadline:
+                tail = (root / "server.log").read_bytes()[-2000:].decode(errors="replace")
+                pytest.fail(f"the Milvus server did not start within {SERVER_START_S} s (exit code {proc.poll()}): {tail}")
+            time.sleep(1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        watchdog.cancel()
+        kill()
+        proc.wait(30)
+        log.close()
+
+
+@pytest.fixture(params=["folder", "milvus-lite", pytest.param("milvus-server", marks=pytest.mark.slow)])
 def spec(request, tmp_path):
-    """An `--index` value of each backend, in a fresh temporary place."""
+    """An `--index` value of each backend, in a fresh temporary place (a new collection on the server)."""
     if request.param == "folder":
         pytest.importorskip("hnswlib", reason="hnswlib is not installed: pip install 'mimic-engine[serve]'")
         return str(tmp_path / "folder-index")
+    if request.param == "milvus-server":
+        return f"milvus:{request.getfixturevalue('milvus_server')}#t_{uuid.uuid4().hex[:12]}"
     pytest.importorskip("pymilvus", reason="pymilvus is not installed: pip install 'mimic-engine[milvus]'")
     pytest.importorskip("milvus_lite", reason="milvus-lite is not installed: pip install 'mimic-engine[milvus]'")
     return f"milvus:{tmp_path / 'lite.db'}"
@@ -121,7 +180,8 @@ def test_reopen_keeps_documents_and_ef(spec):
 def test_another_model_is_refused_and_a_legacy_id_accepted(spec):
     with open_index(spec, DIM, MODEL) as idx:
         idx.upsert(docs_for([1]), unit(np.random.default_rng(4), 1))
-    where = spec if milvus_target(spec) is None else spec + "#mimic_" + MODEL[:16].replace("-", "_")
+    target = milvus_target(spec)
+    where = spec if target is None or target.collection else spec + "#mimic_" + MODEL[:16].replace("-", "_")
     for model, dim in (("other-model", DIM), (MODEL, DIM + 1)):
         with pytest.raises(IndexMismatchError, match="vectors of different models cannot be compared") as err:
             open_index(where, dim, model)
