@@ -382,15 +382,32 @@ def test_bench_index_builds_times_and_probes_a_fresh_process(tmp_path):
     assert report["schema"] == "mimic-engine-bench-index/1" and report["environment"]["cpu_count"] >= 1
     assert (report["n"], report["dim"], report["k"]) == (300, 8, 10)
     for key in ("bulk_upsert_docs_per_s", "single_upsert_docs_per_s", "single_upsert_p50_ms", "search_p50_ms",
-                "search_image_only_p50_ms", "folder_mib", "open_s"):
+                "search_image_only_p50_ms", "folder_mib", "open_s", "search_qps", "raw_hnswlib_search_p50_ms",
+                "folder_overhead_p50"):
         assert report[key] > 0, key
-    assert report["search_p50_ms"] <= report["search_p99_ms"]
+    assert report["search_p50_ms"] <= report["search_p99_ms"] and report["backend"] == "folder"
+    # 300 documents at ef=128: the graph search is all but exact, filtered or not, and so is raw hnswlib
+    for key in ("search_recall_at_k", "search_image_only_recall_at_k", "raw_hnswlib_search_recall_at_k"):
+        assert report[key] >= 0.95, (key, report[key])
     # the probe is another process: its resident set grew while it opened and searched the index
     assert report["rss_mib"] > report["rss_before_open_mib"] > 0
     with DocumentIndex(str(folder), dim=8, model_id="bench-random") as idx:
         assert idx.count() == 305 and idx.count("image") == 102  # 300 bulk + 5 single; every third is an image
     result = CliRunner().invoke(cli, ["bench", "index", "--n", "10", "--index", str(folder)])
     assert result.exit_code != 0 and "not empty" in str(result.exception or result.output)
+
+
+def test_bench_index_on_milvus_lite(tmp_path):
+    pytest.importorskip("milvus_lite", reason="milvus-lite is not installed: pip install 'mimic-engine[milvus]'")
+    db, out = tmp_path / "bench.db", tmp_path / "index.json"
+    run_cli(["bench", "index", "--n", "200", "--dim", "8", "--queries", "10", "--single", "3", "--index", f"milvus:{db}",
+             "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["backend"] == "milvus" and report["flush_s"] >= 0 and report["folder_mib"] > 0
+    assert report["search_recall_at_k"] >= 0.95 and report["search_image_only_recall_at_k"] >= 0.95
+    assert "raw_hnswlib_search_p50_ms" not in report and "rss_mib" not in report  # folder-only measurements
+    result = CliRunner().invoke(cli, ["bench", "index", "--n", "10", "--index", f"milvus:{db}"])
+    assert result.exit_code != 0 and "exists" in str(result.exception or result.output)
 
 
 # ---- the command line and the package's imports ---------------------------------------------------

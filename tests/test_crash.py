@@ -1,9 +1,10 @@
 """Crash safety of the served index: SIGKILL the server in the middle of ingestion, restart it, and
-find every acknowledged write (upserts, replacements, deletes) intact and searchable.
+find every acknowledged write (upserts, replacements, deletes) intact and searchable. Runs against
+each index backend: a folder and Milvus Lite (`--index milvus:<dir>/index.db`).
 
-    pytest -q tests/test_crash.py                     # 2 kill cycles
+    pytest -q tests/test_crash.py                     # 2 kill cycles per backend
     MIMIC_CRASH_CYCLES=10 pytest -q tests/test_crash.py
-    python tests/test_crash.py --cycles 10            # the same as a script, prints a summary
+    python tests/test_crash.py --cycles 10 [--milvus] # the same as a script, prints a summary
 """
 from __future__ import annotations
 
@@ -32,13 +33,13 @@ def free_port() -> int:
 class Server:
     """`mimic-engine serve` as a child process on 127.0.0.1."""
 
-    def __init__(self, ckpt: str, index_dir: str, log_path: str):
+    def __init__(self, ckpt: str, index_spec: str, log_path: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
         self.log = open(log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mimic_engine.cli", "serve", "--model", ckpt, "--index", index_dir,
+            [sys.executable, "-m", "mimic_engine.cli", "serve", "--model", ckpt, "--index", index_spec,
              "--port", str(self.port), "--backend", "torch", "--max-wait-ms", "2", "--log-level", "warning"],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
@@ -150,8 +151,9 @@ def verify(url: str, state: dict) -> dict:
     return {"documents": count, "acknowledged_live": len(live), "deleted": len(state["deleted"])}
 
 
-def crash_cycles(workdir: str, cycles: int, seed: int = 0, writers: int = 2, log=print) -> list[dict]:
-    """Start, ingest, SIGKILL, restart and verify `cycles` times; finally stop gracefully and verify."""
+def crash_cycles(workdir: str, cycles: int, seed: int = 0, writers: int = 2, log=print, milvus: bool = False) -> list[dict]:
+    """Start, ingest, SIGKILL, restart and verify `cycles` times; finally stop gracefully and verify.
+    `milvus`: the index is Milvus Lite (milvus:<workdir>/index.db) instead of a folder."""
     from mimic_engine.checkpoint import save_checkpoint
     from mimic_engine.encoder import MimicEncoder
 
@@ -160,20 +162,24 @@ def crash_cycles(workdir: str, cycles: int, seed: int = 0, writers: int = 2, log
         enc = MimicEncoder.from_preset("tiny", seed=0)
         save_checkpoint(ckpt, enc.model, enc.tokenizer, {"note": "crash test"})
     index_dir, log_path = os.path.join(workdir, "index"), os.path.join(workdir, "server.log")
+    index_spec = f"milvus:{index_dir}.db" if milvus else index_dir
     rng = random.Random(seed)
     state = {"live": {}, "deleted": set(), "uncertain": {}}
     lock = threading.Lock()
     report = []
     for cycle in range(cycles + 1):
-        server = Server(ckpt, index_dir, log_path)
+        server = Server(ckpt, index_spec, log_path)
         t0 = time.time()
         server.wait_ready()
         row = {"cycle": cycle, "restart_s": round(time.time() - t0, 1), **verify(server.url, state)}
         if cycle == cycles:  # last round: a graceful stop drains and snapshots the graph
-            from mimic_engine.index import describe
+            from mimic_engine.index import describe_index
 
             row["graceful_exit_code"] = server.stop(signal.SIGTERM)  # uvicorn re-raises SIGTERM after shutdown
-            row["snapshot_lag_after_stop"] = describe(index_dir)["snapshot_lag"]
+            after = describe_index(index_spec)  # the shutdown hook closed the index, so it can be read now
+            row["count_after_stop"] = after["count"]
+            if not milvus:
+                row["snapshot_lag_after_stop"] = after["snapshot_lag"]
             report.append(row)
             log(row)
             break
@@ -214,13 +220,18 @@ def settle(url: str, state: dict) -> None:
 
 
 @pytest.mark.slow
-def test_acknowledged_writes_survive_sigkill(tmp_path):
+@pytest.mark.parametrize("backend", ["folder", "milvus-lite"])
+def test_acknowledged_writes_survive_sigkill(tmp_path, backend):
+    if backend == "milvus-lite":
+        pytest.importorskip("milvus_lite", reason="milvus-lite is not installed: pip install 'mimic-engine[milvus]'")
     cycles = int(os.environ.get("MIMIC_CRASH_CYCLES", "2"))
-    report = crash_cycles(str(tmp_path), cycles)
+    report = crash_cycles(str(tmp_path), cycles, milvus=backend == "milvus-lite")
     assert len(report) == cycles + 1
     assert all(r["acks_before_kill"] >= 6 for r in report[:-1])
     assert report[-1]["graceful_exit_code"] in (0, -signal.SIGTERM)
-    assert report[-1]["snapshot_lag_after_stop"] == 0  # the shutdown hook closed the index cleanly
+    assert report[-1]["count_after_stop"] == report[-1]["documents"]  # nothing lost on the graceful stop
+    if backend == "folder":
+        assert report[-1]["snapshot_lag_after_stop"] == 0  # the shutdown hook closed the index cleanly
     assert report[-1]["acknowledged_live"] > 0
 
 
@@ -232,9 +243,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cycles", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--milvus", action="store_true", help="index in Milvus Lite instead of a folder")
     args = parser.parse_args()
     sys.path.insert(0, ROOT)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = crash_cycles(tmp, args.cycles, args.seed, log=lambda r: print(json.dumps(r), flush=True))
+        rows = crash_cycles(tmp, args.cycles, args.seed, log=lambda r: print(json.dumps(r), flush=True),
+                            milvus=args.milvus)
     print(f"{args.cycles} SIGKILL cycles: every acknowledged write survived "
           f"({rows[-1]['acknowledged_live']} live documents, {rows[-1]['deleted']} deletes verified)")

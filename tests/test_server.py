@@ -1,5 +1,7 @@
-"""The HTTP API end to end on a tiny model and a real index (FastAPI TestClient)."""
+"""The HTTP API end to end on a tiny model and a real index (FastAPI TestClient); the tests on the
+`client` fixture run against each index backend (a folder and Milvus Lite)."""
 import base64
+import json
 import threading
 
 import numpy as np
@@ -18,21 +20,25 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def make_client(encoders, index_dir, **overrides):
+def make_client(encoders, index_spec, **overrides):
+    """-> (TestClient, backend) over the index `index_spec` names (a folder, or milvus:<uri>)."""
     from fastapi.testclient import TestClient
 
-    from mimic_engine.index import DocumentIndex
+    from mimic_engine.index import open_index
 
     enc = encoders("decoder")
     backend = TorchBackend.from_encoder(enc)
-    index = DocumentIndex(str(index_dir), backend.dim, backend.model_id)
+    index = open_index(str(index_spec), backend.dim, backend.model_id)
     settings = ServerSettings(**{"max_wait_ms": 2.0, **overrides})
     return TestClient(create_app(settings, backend, index)), backend
 
 
-@pytest.fixture
-def client(tiny_encoders, tmp_path):
-    c, backend = make_client(tiny_encoders, tmp_path / "index", api_key=KEY)
+@pytest.fixture(params=["folder", "milvus-lite"])
+def client(request, tiny_encoders, tmp_path):
+    if request.param == "milvus-lite":
+        pytest.importorskip("milvus_lite", reason="milvus-lite is not installed: pip install 'mimic-engine[milvus]'")
+    spec = tmp_path / "index" if request.param == "folder" else f"milvus:{tmp_path / 'index.db'}"
+    c, backend = make_client(tiny_encoders, spec, api_key=KEY)
     with c:
         c.backend = backend
         c.headers["X-API-Key"] = KEY
@@ -116,6 +122,21 @@ def test_upsert_replace_get_delete(client):
     # ids with slashes and unicode round-trip through the path
     upsert(client, [{"id": "a/b ü", "text": "slash"}])
     assert client.get("/v1/documents/a/b ü").json()["id"] == "a/b ü"
+
+
+def test_what_milvus_cannot_store_is_answered_422(client):
+    """Milvus's field limits are checked before the call: 4xx naming the limit, nothing stored, server healthy."""
+    if client.app.state.index.stats()["backend"] != "milvus":
+        pytest.skip("the folder index has no field-size limit")
+    emoji_text = "\U0001F600" * 17_000  # 17,000 characters (under max_text_chars), 68,000 bytes of UTF-8
+    for doc, message in (({"id": "big", "text": emoji_text}, "65535"),
+                         ({"id": "meta", "text": "x", "metadata": {"blob": "y" * 70_000}}, "metadata is"),
+                         ({"id": "sur", "text": "x", "metadata": {"s": "\ud800"}}, "surrogate")):
+        body = json.dumps({"documents": [doc]}).encode()  # ASCII JSON: a lone surrogate travels as \ud800
+        r = client.post("/v1/documents", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and message in r.json()["error"]["message"], r.text
+        assert client.get(f"/v1/documents/{doc['id']}").status_code == 404
+    assert client.get("/readyz").json()["documents"] == 0
 
 
 def test_embed_matches_backend_and_reports_truncation(client):

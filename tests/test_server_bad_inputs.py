@@ -23,9 +23,14 @@ def huge_png(width=6000, height=6000) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def client(tiny_encoders, tmp_path_factory):
-    c, _ = make_client(tiny_encoders, tmp_path_factory.mktemp("bad") / "index", api_key=KEY, max_items=8,
+@pytest.fixture(scope="module", params=["folder", "milvus-lite"])
+def client(request, tiny_encoders, tmp_path_factory):
+    """A server over each index backend (a folder and Milvus Lite), one stored document."""
+    root = tmp_path_factory.mktemp("bad")
+    if request.param == "milvus-lite":
+        pytest.importorskip("milvus_lite", reason="milvus-lite is not installed: pip install 'mimic-engine[milvus]'")
+    spec = root / "index" if request.param == "folder" else f"milvus:{root / 'index.db'}"
+    c, _ = make_client(tiny_encoders, spec, api_key=KEY, max_items=8,
                        max_body_bytes=200_000, max_text_chars=1000, max_k=50, max_image_pixels=1_000_000)
     with c:
         c.headers["Authorization"] = f"Bearer {KEY}"
@@ -80,13 +85,15 @@ CASES = {
     "Infinity in metadata": ("POST", "/v1/documents", {"content": b'{"documents": [{"id": "a", "text": "y", "metadata": {"s": {"t": -Infinity}}}]}', "headers": {"content-type": "application/json"}}, 422, "invalid_request"),
     "no api key, bad body": ("POST", "/v1/documents", {"json": {"documents": "not a list"}, "headers": {"Authorization": ""}}, 401, "unauthorized"),
     "body too large": ("POST", "/v1/embed", {"json": {"items": [{"text": "x" * 100_000}] * 3}}, 413, "body_too_large"),
-    "chunked body too large": ("POST", "/v1/embed", {"content": iter([b'{"items": [' + b" " * 150_000, b" " * 150_000 + b"]}"]), "headers": {"content-type": "application/json"}}, 413, "body_too_large"),
+    "chunked body too large": ("POST", "/v1/embed", {"content": (b'{"items": [' + b" " * 150_000, b" " * 150_000 + b"]}"), "headers": {"content-type": "application/json"}}, 413, "body_too_large"),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_request_gets_the_right_error(client, name):
     method, path, kwargs, status, code = CASES[name]
+    if isinstance(kwargs.get("content"), tuple):  # chunks, sent as a streamed (chunked) body
+        kwargs = {**kwargs, "content": iter(kwargs["content"])}
     r = client.request(method, path, **kwargs)
     assert r.status_code == status, (name, r.status_code, r.text)
     body = r.json()

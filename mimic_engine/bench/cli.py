@@ -216,14 +216,17 @@ def serve_matrix_command(model, index, backend, threads, concurrency, requests, 
 @click.option("--k", type=click.IntRange(min=1), default=default(IndexBenchOptions, "k"), show_default=True)
 @click.option("--single", type=click.IntRange(min=0), default=default(IndexBenchOptions, "single"), show_default=True,
               help="Single-document upserts timed after the bulk (one commit each).")
-@click.option("--index", "index_dir", type=click.Path(file_okay=False), default=None,
-              show_default="a temporary folder, removed afterwards", help="New folder to build in.")
+@click.option("--index", "index_dir", default=None, show_default="a temporary folder, removed afterwards",
+              help="New index to build: a folder, or milvus:<uri>[#<collection>] (milvus:/tmp/bench.db: Milvus Lite).")
+@click.option("--raw-hnswlib/--no-raw-hnswlib", default=default(IndexBenchOptions, "raw_hnswlib"), show_default=True,
+              help="For a folder: also time raw hnswlib on the same vectors and parameters.")
 @JSON_OPTION
-def index_command(n, dim, queries, k, single, index_dir, json_path):
-    """Time ingestion and search on random unit vectors; report the memory of a process holding the index."""
+def index_command(n, dim, queries, k, single, index_dir, raw_hnswlib, json_path):
+    """Time ingestion, search latency, QPS and Recall@k on random unit vectors (a folder or Milvus); for a
+    folder also raw hnswlib and the memory of a process holding the index."""
     from .index import bench_index
 
-    opts = IndexBenchOptions(n=n, dim=dim, queries=queries, k=k, single=single)
+    opts = IndexBenchOptions(n=n, dim=dim, queries=queries, k=k, single=single, raw_hnswlib=raw_hnswlib)
     with tempfile.TemporaryDirectory(prefix="mimic-bench-index-") as tmp:
         report = bench_index(index_dir or os.path.join(tmp, "index"), opts)
     click.echo(json.dumps(report, indent=2))

@@ -1,4 +1,6 @@
-"""`mimic-engine index build|stats`: bulk ingestion of a dataset into an index folder (see build.py), and its stats."""
+"""`mimic-engine index build|info`: bulk ingestion of a dataset into an index (see build.py), and its stats.
+
+--index (or MIMIC_INDEX) is a folder or milvus:<uri>[#<collection>] (selection.py)."""
 from __future__ import annotations
 
 import json
@@ -13,15 +15,15 @@ from .document_index import DEFAULTS as HNSW_DEFAULTS
 
 @click.group("index", context_settings={"help_option_names": ["-h", "--help"]})
 def index_group():
-    """Build and inspect persistent vector indexes (SQLite document store + HNSW graph)."""
+    """Build and inspect persistent vector indexes (a folder: SQLite + HNSW graph; or a Milvus collection)."""
 
 
 @index_group.command("build")
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Checkpoint (ckpt.pt) whose encoder embeds the documents.")
 @data_options()
-@click.option("--index", "index_dir", required=True, type=click.Path(file_okay=False),
-              help="Index folder (created if missing; an interrupted build resumes in it).")
+@click.option("--index", "index_dir", required=True, envvar="MIMIC_INDEX", show_envvar=True,
+              help="Index folder or milvus:<uri>[#<collection>] (created if missing; an interrupted build resumes in it).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Documents per encoder batch.")
 @click.option("--caption-keep", type=CAPTION_KEEP_RATE, default=1.0, show_default=True,
               help="Fraction of image captions kept (deterministic per document id), as in WebQA+/EVQA+.")
@@ -34,13 +36,13 @@ def build_command(model_path, data_kind, data_dir, index_dir, batch_size, captio
     """Encode a dataset's corpus into an index folder (much faster than upserting over HTTP)."""
     from ..data import load_dataset
     from ..encoder import MimicEncoder
-    from .document_index import DocumentIndex
+    from .selection import open_index
 
     encoder = MimicEncoder.from_checkpoint(model_path, device=device)
     dataset = load_dataset(data_kind, data_dir)
     t0 = time.perf_counter()
-    with DocumentIndex(index_dir, dim=encoder.dim, model_id=encoder.model_id, M=M, ef_construction=ef_construction,
-                       legacy_model_ids=encoder.legacy_model_ids) as index:
+    with open_index(index_dir, dim=encoder.dim, model_id=encoder.model_id, M=M, ef_construction=ef_construction,
+                    legacy_model_ids=encoder.legacy_model_ids) as index:
         before = index.count()
         added = build_index(encoder, dataset, index, batch_size=batch_size, caption_keep=caption_keep, source=data_kind)
         seconds = time.perf_counter() - t0
@@ -49,11 +51,16 @@ def build_command(model_path, data_kind, data_dir, index_dir, batch_size, captio
                    f"({index.count('text')} text, {index.count('image')} image) at {index.path}")
 
 
-@index_group.command("stats")
-@click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Index folder.")
-def stats_command(index_dir):
-    """Print an index folder's counts, parameters and snapshot state as JSON (read-only; safe while serving)."""
-    from .document_index import describe
+@index_group.command("info")
+@click.option("--index", "index_dir", required=True, envvar="MIMIC_INDEX", show_envvar=True,
+              help="Index folder or milvus:<uri>[#<collection>].")
+def info_command(index_dir):
+    """Print an index's counts, parameters and state as JSON (a folder is read-only and safe while serving;
+    a Milvus Lite file cannot be read while a server holds it: ask its /v1/info)."""
+    from .selection import describe_index
 
-    click.echo(json.dumps(describe(index_dir), indent=2, sort_keys=True))
+    click.echo(json.dumps(describe_index(index_dir), indent=2, sort_keys=True))
+
+
+index_group.add_command(info_command, "stats")  # the command's earlier name
 

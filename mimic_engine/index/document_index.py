@@ -36,6 +36,8 @@ import time
 import numpy as np
 
 from ..errors import InputError, MimicError
+from .base import IndexClosedError, VectorIndex, check_ef, check_k, check_modality, model_mismatch
+from .base import unit_rows as _unit_rows
 from .hnsw import HnswGraph, file_crc32, fsync_dir
 from .store import MODALITIES, STORE_FILE, DocumentStore, IndexMismatchError, StoredDocument, validate_documents
 
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 PARAMS_FILE = "index.json"
 LOCK_FILE = "LOCK"
 INDEX_FORMAT = 1
+BACKEND = "folder"  # stats()["backend"]
 DEFAULTS = {"M": 32, "ef_construction": 200, "ef": 128}
 GRAPH_STEP = 256  # documents added to the graph per exclusive-lock hold
 # A modality filter that keeps few documents makes the graph search visit many rejected nodes: with 384-d
@@ -52,10 +55,6 @@ GRAPH_STEP = 256  # documents added to the graph per exclusive-lock hold
 # filtered modality has at most FILTERED_EXACT_MAX documents and at most FILTERED_EXACT_SHARE of the index.
 FILTERED_EXACT_MAX = 1024
 FILTERED_EXACT_SHARE = 0.05
-
-
-class IndexClosedError(MimicError):
-    """The index was closed (the server is shutting down)."""
 
 
 class RWLock:
@@ -130,23 +129,7 @@ def _read_json(path: str) -> dict | None:
         return None
 
 
-def _unit_rows(vectors, dim: int, what: str) -> np.ndarray:
-    """-> (N, dim) float32 L2-normalised rows; InputError for wrong shape, empty, NaN/inf or zero rows."""
-    arr = np.asarray(vectors, dtype=np.float32)
-    if arr.ndim == 1:
-        arr = arr[None]
-    if arr.ndim != 2 or arr.shape[1] != dim or arr.shape[0] == 0:
-        raise InputError(f"{what}: expected shape (N, {dim}) (or ({dim},) for one vector) with N >= 1, "
-                         f"got {tuple(np.shape(vectors))}; vectors must come from the model this index was built with")
-    if not np.isfinite(arr).all():
-        raise InputError(f"{what}: vector contains NaN or infinity")
-    norms = np.linalg.norm(arr, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise InputError(f"{what}: row {int(np.flatnonzero(norms[:, 0] == 0)[0])} is the zero vector, which has no direction")
-    return arr / norms
-
-
-class DocumentIndex:
+class DocumentIndex(VectorIndex):
     """A persistent, crash-safe vector index of text and image documents (see the module doc)."""
 
     def __init__(self, path: str, dim: int, model_id: str, M: int | None = None, ef_construction: int | None = None,
@@ -228,10 +211,8 @@ class DocumentIndex:
         if meta["model_id"] in self._legacy_model_ids:
             self.model_id = meta["model_id"]
         if meta["model_id"] != self.model_id or meta["dim"] != self.dim:
-            raise IndexMismatchError(
-                f"index folder {self.path} holds vectors of model {meta['model_id']!r} (dim {meta['dim']}), but this "
-                f"encoder is model {self.model_id!r} (dim {self.dim}); vectors of different models cannot be compared. "
-                f"Use a new --index folder, or delete this one and rebuild it ('mimic-engine index build').")
+            raise model_mismatch(f"index folder {self.path}", meta["model_id"], meta["dim"], self.model_id, self.dim,
+                                 "Use a new --index folder, or delete this one")
         if meta.get("format", INDEX_FORMAT) > INDEX_FORMAT:
             raise IndexMismatchError(f"index folder {self.path} has format {meta['format']}, newer than this "
                                      f"mimic-engine understands ({INDEX_FORMAT}); upgrade mimic-engine or rebuild the index")
@@ -449,8 +430,7 @@ class DocumentIndex:
 
     def set_ef(self, ef: int) -> None:
         """Search breadth (hnswlib uses max(ef, k)); saved in index.json at once."""
-        if isinstance(ef, bool) or not isinstance(ef, (int, np.integer)) or ef < 1:
-            raise InputError(f"ef={ef!r}: must be an integer >= 1 (typical 64-512; higher = better recall, slower)")
+        check_ef(ef)
         with self._write_mutex, self._lock.write():
             self._check_open()
             self.ef = int(ef)
@@ -482,18 +462,10 @@ class DocumentIndex:
         self._check_modality(modality)
         return self._counts[modality]
 
-    def search(self, vector: np.ndarray, k: int, modality: str | None = None) -> list[tuple[StoredDocument, float]]:
-        """Top-k documents by cosine similarity to `vector` (dim,), best first, as (document, score)."""
-        vector = np.asarray(vector)
-        if vector.ndim != 1:
-            raise InputError(f"search takes one vector of shape ({self.dim},), got shape {vector.shape}; use search_batch for several")
-        return self.search_batch(vector[None], k, modality)[0]
-
     def search_batch(self, vectors: np.ndarray, k: int, modality: str | None = None) -> list[list[tuple[StoredDocument, float]]]:
         """Per row of vectors (Q, dim): top-k (document, score), best first; fewer when fewer are stored."""
         self._check_open()
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-            raise InputError(f"k={k!r}: the number of results must be a positive integer")
+        check_k(k)
         self._check_modality(modality)
         queries = _unit_rows(vectors, self.dim, "search vectors")
         with self._lock.read():
@@ -516,7 +488,7 @@ class DocumentIndex:
         with self._lock.read():
             self._check_open()
             return {
-                "path": self.path, "model_id": self.model_id, "dim": self.dim, "format": INDEX_FORMAT,
+                "backend": BACKEND, "path": self.path, "model_id": self.model_id, "dim": self.dim, "format": INDEX_FORMAT,
                 "count": self.count(), "count_by_modality": dict(self._counts),
                 "params": {"space": "ip", "M": self.M, "ef_construction": self.ef_construction, "ef": self.ef},
                 "capacity": self.graph.capacity, "slots_used": self.graph.slots, "free_slots": self._free_slots(),
@@ -531,8 +503,7 @@ class DocumentIndex:
             raise IndexClosedError(f"index {self.path} is closed")
 
     def _check_modality(self, modality):
-        if modality is not None and modality not in MODALITIES:
-            raise InputError(f"modality={modality!r}; expected one of {', '.join(MODALITIES)} or None (both)")
+        check_modality(modality)
 
     def close(self) -> None:
         """Snapshot if needed, close the store, release the folder. Idempotent."""
@@ -543,12 +514,6 @@ class DocumentIndex:
             with self._lock.write():
                 self._closed = True
                 self._release_folder()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *_):
-        self.close()
 
     def __repr__(self):
         return f"DocumentIndex({self.path!r}, dim={self.dim}, model_id={self.model_id!r}, count={self.count()})"
@@ -569,7 +534,7 @@ def describe(path: str) -> dict:
         con.close()
     params = _read_json(os.path.join(path, PARAMS_FILE)) or {}
     snap = params.get("snapshot") or {}
-    return {"path": os.path.abspath(path), "model_id": meta.get("model_id"), "dim": meta.get("dim"),
+    return {"backend": BACKEND, "path": os.path.abspath(path), "model_id": meta.get("model_id"), "dim": meta.get("dim"),
             "format": meta.get("format"), "count": sum(by_mod.values()), "count_by_modality": by_mod,
             "params": {"space": "ip", "M": meta.get("M"), "ef_construction": meta.get("ef_construction"), "ef": params.get("ef")},
             "store_seq": meta.get("seq"), "snapshot": snap or None,

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InputError, MimicError
-from ..index.document_index import IndexClosedError
+from ..index.base import IndexClosedError
 from ..runtime.batcher import EncodeTimeoutError, EncoderClosedError, QueueFullError
 
 log = logging.getLogger("mimic_engine.server")

@@ -12,7 +12,8 @@ an image item. Every 4xx/5xx answer has one shape:
 
     {"error": {"code": "invalid_image", "message": "...", "details": ...}}
 
-An upsert is acknowledged only after the index has made it durable (DocumentIndex.upsert returns).
+An upsert is acknowledged only after the index has acknowledged it (VectorIndex.upsert returns; what survives
+a crash is the backend's, see docs/index.md).
 
 The parts: `schemas` (request and response bodies), `routes` (handlers and their helpers over a
 `ServerState`), `metrics` (Prometheus series and the limits-and-metrics middleware), `api_errors`
@@ -32,7 +33,7 @@ from .settings import ServerSettings
 
 
 def create_app(settings: ServerSettings, backend, index) -> FastAPI:
-    """The API over `backend` (a runtime Backend) and `index` (a DocumentIndex). The app owns both:
+    """The API over `backend` (a runtime Backend) and `index` (a VectorIndex). The app owns both:
     it closes them (after draining the batcher) when it shuts down."""
     settings.validate()
     metrics = ServerMetrics(index)

@@ -81,7 +81,7 @@ def open_backend_and_index(settings: ServerSettings, progress: bool = True, echo
     """-> (backend, index). No model: the demo model; no index: the demo index for the demo model
     (filled from the demo corpus when empty), else `<home>/indexes/<model id>`."""
     from ..data import default_home
-    from ..index import DocumentIndex
+    from ..index import open_index
     from ..runtime import load_backend
 
     demo = settings.model is None
@@ -93,9 +93,9 @@ def open_backend_and_index(settings: ServerSettings, progress: bool = True, echo
     if path is None:
         path = str(demo_paths()[1] if demo else default_index_path(default_home() / "indexes", backend))
     try:
-        index = DocumentIndex(path, backend.dim, backend.model_id, M=settings.hnsw_m,
-                              ef_construction=settings.hnsw_ef_construction, ef=settings.hnsw_ef,
-                              legacy_model_ids=backend.legacy_model_ids)
+        index = open_index(path, backend.dim, backend.model_id, M=settings.hnsw_m,
+                           ef_construction=settings.hnsw_ef_construction, ef=settings.hnsw_ef,
+                           legacy_model_ids=backend.legacy_model_ids)
     except BaseException:
         backend.close()
         raise

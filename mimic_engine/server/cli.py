@@ -34,8 +34,9 @@ def setting_option(name: str, help: str, **kw):
 @click.command("serve")
 @setting_option("model", "Checkpoint (ckpt.pt) or export directory [default: the demo model, trained on first use].",
                 type=click.Path(exists=True))
-@setting_option("index", "Index folder [default: the demo index for the demo model, else <home>/indexes/<model id>].",
-                type=click.Path(file_okay=False))
+@setting_option("index", "Index folder, or milvus:<uri>[#<collection>] (milvus:./x.db runs Milvus Lite in-process, "
+                "milvus:http://host:19530 a Milvus server; token from MIMIC_MILVUS_TOKEN) [default: the demo index for "
+                "the demo model, else <home>/indexes/<model id>].")
 @setting_option("host", "Address to bind (127.0.0.1 = this machine only).")
 @setting_option("port", "Port to listen on.", type=click.IntRange(1, 65535))
 @setting_option("backend", "Inference backend; 'auto' picks the fastest available and says why.",
@@ -88,8 +89,8 @@ def serve_command(log_level, **options):
 @click.argument("query", required=False)
 @click.option("--image", "image_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Image file of the query (repeat for several); with QUERY it is an image+text query.")
-@click.option("--index", envvar="MIMIC_INDEX", type=click.Path(file_okay=False), default=None,
-              help="Index folder [default: as for serve].")
+@click.option("--index", envvar="MIMIC_INDEX", default=None,
+              help="Index folder or milvus:<uri>[#<collection>] [default: as for serve].")
 @click.option("--model", envvar="MIMIC_MODEL", type=click.Path(exists=True), default=None,
               help="Checkpoint or export directory [default: the demo model].")
 @click.option("--backend", envvar="MIMIC_BACKEND", type=click.Choice(BACKENDS), default="auto", show_default=True)

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from ..errors import InputError
-from ..index.document_index import DocumentIndex
+from ..index.base import VectorIndex
 from ..index.store import StoredDocument
 from ..preprocess import ImageFormatError, ImageTooLargeError, Item, decode_base64, decode_image
 from ..runtime.base import Backend
@@ -35,7 +35,7 @@ class ServerState:
 
     settings: ServerSettings
     backend: Backend
-    index: DocumentIndex
+    index: VectorIndex
     encoder: DynamicBatcher | DirectEncoder
     metrics: ServerMetrics
 

@@ -11,7 +11,7 @@ from ..runtime.batcher import DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH_TOKENS, DEFAU
 class ServerSettings:
     # what to serve
     model: str | None = None  # ckpt.pt or export directory; None = the demo model (CLI trains it once)
-    index: str | None = None  # index directory; None = the default local index
+    index: str | None = None  # index folder or milvus:<uri>[#<collection>] (index/selection.py); None = the default local index
     backend: str = "auto"
     device: str = "auto"  # auto = CUDA when torch sees a GPU, else CPU
     host: str = "127.0.0.1"
