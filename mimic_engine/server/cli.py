@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+
+# torch's CPU thread pool (libgomp) reads its wait policy once, when torch is imported, so it is set
+# before anything imports torch. The default (active) lets idle pool threads spin: between requests
+# and whenever the request threads need the CPU they burn cores the server needs; on 2 busy cores a
+# 2-thread pool ran a model call up to 8x slower than PASSIVE did (docs/serving.md, "Tail latency").
+# An OMP_WAIT_POLICY or GOMP_SPINCOUNT already in the environment is kept.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 import click
 
@@ -45,6 +54,9 @@ def setting_option(name: str, help: str, **kw):
 @click.option("--batching/--no-batching", "batching", default=True, envvar="MIMIC_BATCHING", show_envvar=True,
               show_default=True, help="Dynamic batching of concurrent requests (--no-batching: each request on its own, "
               "the benchmark baseline).")
+@click.option("--timing-header/--no-timing-header", "timing_header", default=DEFAULTS.timing_header,
+              envvar="MIMIC_TIMING_HEADER", show_envvar=True, show_default=True,
+              help="A Server-Timing header (preprocess, queue, model, respond / index ms) on encoding routes.")
 @setting_option("max_batch", "Items per model batch.", type=click.IntRange(min=1))
 @setting_option("max_batch_tokens", "Padded text + visual tokens per model batch.", type=click.IntRange(min=1))
 @setting_option("max_wait_ms", "How long a batch waits for more requests, in ms.", type=click.FloatRange(0, 10_000))
