@@ -8,16 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 
-# torch's CPU thread pool (libgomp) reads its wait policy once, when torch is imported, so it is set
-# before anything imports torch. The default (active) lets idle pool threads spin: between requests
-# and whenever the request threads need the CPU they burn cores the server needs; on 2 busy cores a
-# 2-thread pool ran a model call up to 8x slower than PASSIVE did (docs/serving.md, "Tail latency").
-# An OMP_WAIT_POLICY or GOMP_SPINCOUNT already in the environment is kept.
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 import click
 
