@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -368,6 +369,159 @@ def test_serve_against_the_real_server(tmp_path, tiny_encoders):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+# ---- bench serve: servers side by side ------------------------------------------------------------
+class EmbeddingStandIn(BaseHTTPRequestHandler):
+    """Answers this project's /v1/embed and OpenAI's /embeddings with one 4-d vector per text, and
+    /v1/embed-broken with one vector too few; keeps every body it was sent, by path."""
+
+    lock = threading.Lock()
+    seen: dict = {}
+    protocol_version = "HTTP/1.1"  # keep-alive, as real servers
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.lock:
+            self.seen.setdefault(self.path, []).append(body)
+        if self.path.startswith("/v1/embed"):
+            n = len(body["items"]) - (self.path == "/v1/embed-broken")
+            payload = {"embeddings": [[0.5] * 4] * n, "dim": 4, "truncated": [False] * n, "model_id": "stand-in"}
+        else:
+            payload = {"object": "list", "data": [{"embedding": [0.5] * 4, "index": i} for i in range(len(body["input"]))],
+                       "model": body["model"]}
+        data = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):  # noqa: N802
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def embedding_stand_in():
+    EmbeddingStandIn.seen = {}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), EmbeddingStandIn)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_compare_targets_and_cells_are_parsed():
+    from mimic_engine.bench.compare import parse_cells, parse_target
+    from mimic_engine.errors import ConfigError
+
+    ours = parse_target("http://127.0.0.1:8000")
+    assert (ours.url, ours.protocol, ours.label) == ("http://127.0.0.1:8000/v1/embed", "mimic", "mimic-engine")
+    assert ours.body(["a"]) == {"items": [{"text": "a"}], "role": "query"}
+    other = parse_target("http://127.0.0.1:7997/embeddings, model=minilm ,label=infinity,pid=42")
+    assert (other.url, other.protocol, other.model, other.label, other.pid) == (
+        "http://127.0.0.1:7997/embeddings", "openai", "minilm", "infinity", 42)
+    assert other.body(["a", "b"]) == {"input": ["a", "b"], "model": "minilm"}
+    for bad, says in (("http://127.0.0.1:7997/v1/embeddings", "model=NAME"), ("http://127.0.0.1:1,colour=red", "colour"),
+                      ("http://10.0.0.1:8000", "loopback"), ("http://127.0.0.1:1,pid=abc", "pid")):
+        with pytest.raises(ConfigError, match=says):
+            parse_target(bad)
+    assert parse_cells("1x1, 16x1,4x32") == [(1, 1), (16, 1), (4, 32)]
+    for bad in ("16", "0x1", "1x0", "4x32x2", ""):
+        with pytest.raises(ConfigError, match="CxK|no cell"):
+            parse_cells(bad)
+
+
+def test_compare_schedule_interleaves_and_rotates():
+    from mimic_engine.bench.compare import schedule
+
+    assert schedule(2, [(1, 1), (16, 1)], 2) == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1),
+                                                 (1, 0, 1), (1, 0, 0), (1, 1, 1), (1, 1, 0)]
+
+
+def test_english_queries_are_deterministic_and_bounded():
+    from mimic_engine.bench.compare import english_queries
+
+    queries = english_queries(300, seed=3)
+    assert queries == english_queries(300, seed=3) != english_queries(300, seed=4)
+    lengths = [len(q.split()) for q in queries]
+    assert min(lengths) == 5 and max(lengths) == 20 and len(set(queries)) > 250
+
+
+def test_server_process_and_cpu_are_found():
+    import os
+    import socket
+
+    from mimic_engine.bench.compare import cpu_seconds, listening_pid
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert listening_pid(s.getsockname()[1]) == os.getpid()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]  # bound, not listening
+    assert listening_pid(free) is None
+    assert cpu_seconds(os.getpid()) > 0 and cpu_seconds(2**22 + 12345) is None
+
+
+def test_stage_metrics_are_differenced_per_request():
+    from mimic_engine.bench.compare import parse_stage_metrics, stage_ms_per_request
+
+    def text(model_sum, n):
+        return (f'mimic_request_stage_seconds_sum{{stage="model"}} {model_sum}\n'
+                f'mimic_request_stage_seconds_count{{stage="model"}} {n}\n'
+                'mimic_request_stage_seconds_count{stage="queue"} 3.0\n')
+
+    before, after = parse_stage_metrics(text(0.5, 10.0)), parse_stage_metrics(text(1.5, 60.0))
+    assert before["model"] == {"sum": 0.5, "count": 10.0}
+    assert stage_ms_per_request(before, after) == pytest.approx({"model": 20.0})  # 1 s over 50 requests
+
+
+def test_compare_runs_both_protocols_on_the_same_texts(embedding_stand_in, tmp_path):
+    pytest.importorskip("aiohttp", reason="the side-by-side load generator uses aiohttp")
+    out, chart = tmp_path / "compare.json", tmp_path / "compare.png"
+    result = run_cli(["bench", "serve", "--url", embedding_stand_in,
+                      "--url", f"{embedding_stand_in}/embeddings,model=m1,label=other", "--cells", "1x1,2x3",
+                      "--repeats", "2", "--requests", "5", "--texts", "40", "--warmup", "2", "--json", str(out),
+                      "--plot", str(chart)])
+    report = json.loads(out.read_text())
+    assert report["schema"] == "mimic-engine-bench-serve-compare/1" and report["cells"] == [[1, 1], [2, 3]]
+    assert [t["label"] for t in report["targets"]] == ["mimic-engine", "other"]
+    assert [t["pid"] for t in report["targets"]] == [os.getpid()] * 2  # the stand-in listens in this process
+    order = [(r["repeat"], r["concurrency"], r["target"]) for r in report["runs"]]
+    assert order == [(0, 1, "mimic-engine"), (0, 1, "other"), (0, 2, "mimic-engine"), (0, 2, "other"),
+                     (1, 1, "other"), (1, 1, "mimic-engine"), (1, 2, "other"), (1, 2, "mimic-engine")]
+    for r in report["runs"]:
+        assert r["sent"] == r["ok"] == 5 and r["errors"] == {} and r["latency_ms"]["n"] == 5
+        assert r["texts_per_s"] == pytest.approx(r["qps"] * r["texts_per_request"])
+        assert r["server_cpu_cores"] is not None and r["server_stage_ms"] is None  # the stand-in has no /metrics
+    # the same requests of texts reached both servers (in another order: the targets alternate)
+    ours = [tuple(i["text"] for i in b["items"]) for b in EmbeddingStandIn.seen["/v1/embed"]]
+    theirs = [tuple(b["input"]) for b in EmbeddingStandIn.seen["/embeddings"]]
+    assert sorted(ours) == sorted(theirs) and len(ours) == 1 + 2 * 2 + 4 * 5  # check, warm-up per request size, runs
+    assert sorted(len(t) for t in ours) == [1] * 12 + [2] + [3] * 12
+    assert all(b["model"] == "m1" for b in EmbeddingStandIn.seen["/embeddings"])
+    summary = {(c["concurrency"], c["texts_per_request"]): c["targets"] for c in report["summary"]}
+    assert summary[(1, 1)]["mimic-engine"]["qps_vs_first"] == 1.0 and summary[(2, 3)]["other"]["repeats"] == 2
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 2x3 | other | 2 |" in result.output and "ratios to mimic-engine" in result.output
+
+
+def test_compare_refuses_a_server_with_wrong_answers(embedding_stand_in):
+    pytest.importorskip("aiohttp", reason="the side-by-side load generator uses aiohttp")
+    from mimic_engine.bench.compare import CompareOptions, Target, run_compare
+    from mimic_engine.errors import MimicError
+
+    broken = Target(f"{embedding_stand_in}/v1/embed-broken", "mimic", "broken")
+    with pytest.raises(MimicError, match="2 texts sent, 1 embeddings came back"):
+        run_compare(CompareOptions([broken], [(1, 1)], repeats=1, requests=1, warmup=0))
 
 
 # ---- bench index ----------------------------------------------------------------------------------

@@ -179,6 +179,30 @@ def test_queue_full_is_refused_then_recovers(mode, tiny_encoders):
     encoder.close()
 
 
+@pytest.mark.parametrize("mode", ["batching", "direct"])
+def test_stage_timings_split_waiting_from_the_model(mode, tiny_encoders):
+    """A request queued behind a busy model reports that wait as "queue"; the busy one as "model"."""
+    backend = BlockingBackend(tiny_encoders("decoder"))
+    cls = DynamicBatcher if mode == "batching" else DirectEncoder
+    encoder = cls(backend, max_batch=1, max_wait_ms=0)
+    results = {}
+    first = threading.Thread(target=lambda: results.setdefault("first", encoder.encode([Item(text="a")], timeout=60)))
+    first.start()
+    assert backend.started.wait(10)  # the model holds the first request
+    second = threading.Thread(target=lambda: results.setdefault("second", encoder.encode([Item(text="b")], timeout=60)))
+    second.start()
+    time.sleep(0.3)  # the second waits while the model is held
+    backend.release.set()
+    first.join(30)
+    second.join(30)
+    for name in ("first", "second"):
+        timings = results[name].timings
+        assert set(timings) == {"preprocess", "queue", "model"} and min(timings.values()) >= 0, timings
+    assert results["first"].timings["model"] >= 0.3  # held for the whole sleep
+    assert results["second"].timings["queue"] >= 0.2  # its wait, not counted as model time
+    encoder.close()
+
+
 def test_direct_encoder_times_out_waiting_for_the_model(tiny_encoders):
     backend = BlockingBackend(tiny_encoders("decoder"))
     encoder = DirectEncoder(backend, max_batch=2)

@@ -181,6 +181,43 @@ def test_metrics_series(client):
     assert "nope" not in text  # ids never become label values
 
 
+def server_timing(header: str) -> dict:
+    """'preprocess;dur=0.41, queue;dur=0.02, ...' -> {stage: ms}."""
+    out = {}
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        out[name] = float(dur)
+    return out
+
+
+def test_stage_timings_in_header_and_metrics(client):
+    r = client.post("/v1/embed", json={"items": [{"text": "a red bus"}, {"image": b64(CAT)}], "role": "query"})
+    assert r.status_code == 200, r.text
+    stages = server_timing(r.headers["Server-Timing"])
+    assert list(stages) == ["preprocess", "queue", "model", "respond"] and all(ms >= 0 for ms in stages.values())
+    assert stages["model"] > 0  # the model ran for this request
+    upsert(client, DOCS[:2])
+    r = client.post("/v1/search", json={"query": {"text": "bus"}, "k": 2})
+    assert list(server_timing(r.headers["Server-Timing"])) == ["preprocess", "queue", "model", "index"]
+    text = client.get("/metrics").text
+    for stage, n in (("preprocess", 3), ("queue", 3), ("model", 3), ("respond", 1), ("index", 2)):
+        assert f'mimic_request_stage_seconds_count{{stage="{stage}"}} {n}.0' in text, stage
+
+
+def test_embed_floats_read_back_as_the_same_float32(client):
+    r = client.post("/v1/embed", json={"items": [{"text": "a red bus"}], "role": "query"})
+    expected = client.backend.encode([Item(text="a red bus")], "query")
+    np.testing.assert_array_equal(np.asarray(r.json()["embeddings"], np.float32), expected)
+
+
+def test_timing_header_can_be_turned_off(tiny_encoders, tmp_path):
+    c, _ = make_client(tiny_encoders, tmp_path / "index", timing_header=False)
+    with c:
+        r = c.post("/v1/embed", json={"items": [{"text": "a red bus"}]})
+        assert r.status_code == 200 and "server-timing" not in r.headers
+        assert 'mimic_request_stage_seconds_count{stage="model"} 1.0' in c.get("/metrics").text
+
+
 def test_api_key_protects_write_routes_only(client):
     anon = {"X-API-Key": ""}
     doc = {"documents": [DOCS[0]]}

@@ -10,6 +10,8 @@
     model.py        the model benchmark (`mimic-engine bench`): model resolution, on-demand export,
                     backend loading, the whole run
     serve.py        the HTTP load generator (`bench serve`) and batching on/off (`bench serve-matrix`)
+    compare.py      embedding servers side by side (`bench serve` with several --url): this project's
+                    and OpenAI-style endpoints, CxK cells, interleaved repeats, server CPU per request
     index.py        ingestion and search of a DocumentIndex on random vectors (`bench index`)
     gpu.py          the GPU paths side by side on one model (`bench gpu`)
     cli.py          the click commands, nothing else

@@ -22,6 +22,7 @@ from .gpu import VARIANTS, GpuBenchOptions
 from .index import IndexBenchOptions
 from .inputs import InputSpec
 from .model import BenchOptions
+from .compare import CompareOptions
 from .serve import MAX_CONCURRENCY, MAX_REQUESTS, ROUTES, MatrixOptions, ServeOptions
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -149,29 +150,63 @@ CONCURRENCY = int_list(MAX_CONCURRENCY, "1,16")
 
 
 @bench_group.command("serve", context_settings=CONTEXT)
-@click.option("--url", required=True, help="The running server, e.g. http://127.0.0.1:8000 (loopback only).")
+@click.option("--url", "urls", required=True, multiple=True,
+              help="The running server, e.g. http://127.0.0.1:8000 (loopback only). Repeat it to compare servers side "
+                   "by side: URL[,model=NAME][,label=NAME][,pid=N], an OpenAI-style endpoint by its path, e.g. "
+                   "http://127.0.0.1:7997/embeddings,model=all-MiniLM-L6-v2,label=infinity.")
+@click.option("--cells", default=None, show_default=comma(f"{c}x{k}" for c, k in default(CompareOptions, "cells")),
+              help="Side by side: comma-separated CxK cells, C concurrent clients sending K texts per request. Given "
+                   "(or several --url), the run compares servers; otherwise it load-tests one.")
+@click.option("--repeats", type=click.IntRange(1, 20), default=default(CompareOptions, "repeats"), show_default=True,
+              help="Side by side: runs per server and cell, interleaved (the servers' order rotates each repeat).")
+@click.option("--texts", type=click.IntRange(1, 100_000), default=default(CompareOptions, "texts"), show_default=True,
+              help="Side by side: distinct English queries (5-20 words), the same for every server.")
 @click.option("--concurrency", default=comma(default(ServeOptions, "concurrency")), show_default=True,
               callback=CONCURRENCY, help="Comma-separated numbers of concurrent clients, one level each.")
-@click.option("--requests", type=click.IntRange(1, MAX_REQUESTS), default=default(ServeOptions, "requests"),
-              show_default=True, help="Requests per level (at most).")
+@click.option("--requests", type=click.IntRange(1, MAX_REQUESTS), default=None,
+              show_default=f"{default(ServeOptions, 'requests')}; side by side {default(CompareOptions, 'requests')}",
+              help="Requests per level, or per run side by side (at most).")
 @click.option("--duration", type=click.FloatRange(0.1, 3600), default=default(ServeOptions, "duration_s"),
-              show_default=True, help="Seconds per level (at most).")
+              show_default=True, help="Seconds per level or run (at most).")
 @click.option("--route", type=click.Choice(sorted(ROUTES)), default=default(ServeOptions, "route"), show_default=True)
 @click.option("--api-key", envvar="MIMIC_API_KEY", default=None, show_envvar=True, help="Sent as a Bearer token.")
 @click.option("--image-fraction", type=click.FloatRange(0, 1), default=default(ServeOptions, "image_fraction"),
               show_default=True, help="Share of queries that are images (PNG digits) instead of text.")
-@click.option("--warmup", type=click.IntRange(min=0), default=default(ServeOptions, "warmup"), show_default=True,
-              help="Unreported requests first.")
+@click.option("--warmup", type=click.IntRange(min=0), default=None,
+              show_default=f"{default(ServeOptions, 'warmup')}; side by side {default(CompareOptions, 'warmup')} "
+                           "per server and request size", help="Unreported requests first.")
 @click.option("--timeout", type=click.FloatRange(0.1, 600), default=default(ServeOptions, "timeout_s"),
               show_default=True, help="Seconds per request.")
 @JSON_OPTION
-def serve_command(url, concurrency, requests, duration, route, api_key, image_fraction, warmup, timeout, json_path):
-    """Load-test a running server: QPS, latency percentiles and errors by status per concurrency level."""
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Side by side: write a PNG chart here.")
+def serve_command(urls, cells, repeats, texts, concurrency, requests, duration, route, api_key, image_fraction, warmup,
+                  timeout, json_path, plot_path):
+    """Load-test a running server: QPS, latency percentiles and errors by status per concurrency level.
+
+    With several --url (or --cells): the servers side by side on the same texts, one load generator,
+    interleaved repeats; a table, the JSON report and a chart (requests/s, texts/s, p50/p99, server CPU).
+    """
+    if len(urls) > 1 or cells is not None:
+        from .compare import CompareOptions, parse_cells, parse_target, run_compare
+        from .report import format_compare_table, plot_compare_report
+
+        opts = CompareOptions([parse_target(u) for u in urls], parse_cells(cells) if cells else
+                              default(CompareOptions, "cells"), repeats,
+                              requests or default(CompareOptions, "requests"), duration, texts,
+                              default(CompareOptions, "warmup") if warmup is None else warmup, timeout)
+        report = run_compare(opts)
+        save_report(report, json_path)
+        if plot_path:
+            click.echo(f"wrote {plot_compare_report(report, plot_path)}")
+        click.echo(format_compare_table(report))
+        return
     from .report import format_serve_table
     from .serve import run_serve_bench
 
-    report = run_serve_bench(ServeOptions(url, concurrency, requests, duration, route, api_key, image_fraction, warmup,
-                                          timeout))
+    report = run_serve_bench(ServeOptions(urls[0], concurrency, requests or default(ServeOptions, "requests"),
+                                          duration, route, api_key, image_fraction,
+                                          default(ServeOptions, "warmup") if warmup is None else warmup, timeout))
     click.echo(format_serve_table(report))
     save_report(report, json_path)
 

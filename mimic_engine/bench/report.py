@@ -189,6 +189,92 @@ def format_serve_table(report: dict) -> str:
     return "\n".join([title, fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
 
 
+# ---- servers side by side -----------------------------------------------------------------------
+def _num(value, fmt: str = ".1f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def format_compare_table(report: dict) -> str:
+    """Markdown: every run (cell, server, repeat) with its rates, latency and server CPU, then per cell the
+    medians over repeats and each server's ratios to the first."""
+    env = report["environment"]
+    flags = [f for f in env["cpu_flags"] if f.startswith(("avx512", "amx", "avx_vnni"))]
+    lines = [f"servers side by side: {', '.join(t['label'] + ' ' + t['url'] for t in report['targets'])}",
+             f"cpu: {env['cpu']} ({env['cpus_usable']} usable cores, load {env['load_average_1m']}; "
+             f"flags {' '.join(flags) or '-'}); {report['texts']['n']} English queries of "
+             f"{report['texts']['min_words']}-{report['texts']['max_words']} words; at most "
+             f"{report['requests_per_run']} requests or {report['duration_limit_s']:g} s per run, "
+             f"{report['repeats']} interleaved repeats", "",
+             "| cell (clients x texts/request) | server | repeat | requests/s | texts/s | p50 ms | p99 ms | "
+             "server cores | server CPU ms/request | model ms/request | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        lat = r["latency_ms"] or {}
+        errors = ", ".join(f"{s}: {n}" for s, n in r["errors"].items()) or "-"
+        lines.append(f"| {r['concurrency']}x{r['texts_per_request']} | {r['target']} | {r['repeat'] + 1} | "
+                     f"{r['qps']:.1f} | {r['texts_per_s']:.0f} | {_num(lat.get('median'))} | {_num(lat.get('p99'))} | "
+                     f"{_num(r['server_cpu_cores'], '.2f')} | {_num(r['server_cpu_ms_per_request'])} | "
+                     f"{_num((r['server_stage_ms'] or {}).get('model'))} | {errors} |")
+    first = report["targets"][0]["label"]
+    lines += ["", f"medians over repeats; ratios to {first}:", "",
+              "| cell | server | requests/s | texts/s | p50 ms | p99 ms | server CPU ms/request | "
+              f"requests/s vs {first} | p99 vs {first} |", "|---|---|---|---|---|---|---|---|---|"]
+    for cell in report["summary"]:
+        for label, row in cell["targets"].items():
+            lines.append(f"| {cell['concurrency']}x{cell['texts_per_request']} | {label} | {_num(row['qps'])} | "
+                         f"{_num(row['texts_per_s'], '.0f')} | {_num(row['p50_ms'])} | {_num(row['p99_ms'])} | "
+                         f"{_num(row['server_cpu_ms_per_request'])} | {_num(row['qps_vs_first'], '.2f')}x | "
+                         f"{_num(row['p99_vs_first'], '.2f')}x |")
+    return "\n".join(lines)
+
+
+def plot_compare_report(report: dict, path: str) -> str:
+    """One column per cell: texts/s on top, p50 (bar) and p99 (line) latency below; bars are the medians over
+    repeats, dots the single repeats; one colour per server."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [t["label"] for t in report["targets"]]
+    cells = [tuple(c) for c in report["cells"]]
+    colors = plt.get_cmap("tab10").colors
+    fig, axes = plt.subplots(2, len(cells), figsize=(3.6 * len(cells) + 1, 6.4), squeeze=False)
+    for ci, (c, k) in enumerate(cells):
+        ax_thr, ax_lat = axes[0][ci], axes[1][ci]
+        for ti, label in enumerate(labels):
+            mine = [r for r in report["runs"] if r["target"] == label and (r["concurrency"], r["texts_per_request"])
+                    == (c, k) and r["latency_ms"]]
+            if not mine:
+                continue
+            color = colors[ti % 10]
+            thr = [r["texts_per_s"] for r in mine]
+            p50 = [r["latency_ms"]["median"] for r in mine]
+            p99 = [r["latency_ms"]["p99"] for r in mine]
+            ax_thr.bar(ti, np.median(thr), 0.7, color=color, label=label)
+            ax_thr.plot([ti] * len(thr), thr, "o", color="black", markersize=3)
+            ax_lat.bar(ti, np.median(p50), 0.7, color=color)
+            ax_lat.errorbar([ti], [np.median(p50)], yerr=[[0], [np.median(p99) - np.median(p50)]], fmt="none",
+                            ecolor="black", capsize=4)
+            ax_lat.plot([ti] * len(p99), p99, "_", color="black", markersize=10)
+        ax_thr.set_title(f"{c} clients x {k} text{'s' if k > 1 else ''}/request", fontsize=10)
+        for ax in (ax_thr, ax_lat):
+            ax.set_xticks(range(len(labels)), labels, fontsize=8)
+            ax.grid(axis="y", alpha=0.3)
+            ax.set_axisbelow(True)
+            ax.spines[["top", "right"]].set_visible(False)
+        if ci == 0:
+            ax_thr.set_ylabel("texts per second")
+            ax_lat.set_ylabel("ms per request: bar p50, line to p99")
+    env = report["environment"]
+    fig.suptitle(f"embedding servers side by side: {env['cpu']}, {env['cpus_usable']} cores; "
+                 f"{report['repeats']} interleaved repeats (dots / ticks)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
 # ---- the GPU benchmark --------------------------------------------------------------------------
 def format_gpu_profile(rows: list, total_ms: float, launches: float, title: str) -> str:
     lines = [f"{title}: {launches:g} kernels, {total_ms:.3f} ms of kernel time per call",

@@ -2,6 +2,7 @@
 
     mimic-engine bench serve --url http://127.0.0.1:8000 --concurrency 1,16 --requests 200 --route search
     mimic-engine bench serve-matrix --model ckpt.pt --index DIR    # batching on/off x search/embed x 1,16
+    mimic-engine bench serve --url A --url B ...   # servers side by side: compare.py
 
 For each concurrency level c, c worker threads (one keep-alive HTTP client each) send requests
 until `--requests` have been sent or `--duration` seconds have passed, whichever comes first. Every

@@ -70,6 +70,9 @@ class EncodeTimeoutError(MimicError):
 class EncodeResult:
     vectors: np.ndarray  # (N, E) float32 unit vectors, input order
     truncated: list  # [bool] * N: was the item's text cut to the model's max_length
+    # seconds per stage of this request: "preprocess" (tokenising, image decoding on the caller's thread),
+    # "queue" (waiting for its first model batch to start), "model" (its first batch's start to its last's end)
+    timings: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -120,9 +123,16 @@ class _Request:
     vectors: np.ndarray
     truncated: list
     remaining: int
+    preprocess_s: float = 0.0
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
+    started: float | None = None  # when its first model batch started
     cancelled: bool = False
+
+    def result(self, finished: float) -> EncodeResult:
+        return EncodeResult(self.vectors, self.truncated, {"preprocess": self.preprocess_s,
+                                                           "queue": self.started - self.enqueued,
+                                                           "model": finished - self.started})
 
 
 @dataclass
@@ -233,19 +243,25 @@ class DirectEncoder(_EncoderBase):
         deadline = None if timeout is None else time.monotonic() + timeout
         self._admit(len(items))
         try:
+            t0 = time.monotonic()
             prepared = self._prepare_all(items, role)
+            timings = {"preprocess": time.monotonic() - t0, "queue": 0.0, "model": 0.0}
             order = sorted(range(len(prepared)), key=lambda i: self._sort_key(prepared[i]))
             vectors = np.zeros((len(items), self.backend.dim), dtype=np.float32)
             for idx in self._cut(order, key=lambda i: prepared[i]):
-                wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+                t0 = time.monotonic()
+                wait = -1 if deadline is None else max(0.0, deadline - t0)
                 if not self._model_lock.acquire(timeout=wait):  # as the batcher: a request waits at most `timeout`
                     raise EncodeTimeoutError(f"encoding did not start within {timeout} s; the server is overloaded, "
                                              "retry later")
                 try:
+                    t1 = time.monotonic()
                     vectors[idx] = self._run([prepared[i] for i in idx], role)
+                    timings["queue"] += t1 - t0
+                    timings["model"] += time.monotonic() - t1
                 finally:
                     self._model_lock.release()
-            return EncodeResult(vectors, [p.truncated for p in prepared])
+            return EncodeResult(vectors, [p.truncated for p in prepared], timings)
         finally:
             self._release(len(items))
 
@@ -275,13 +291,14 @@ class DynamicBatcher(_EncoderBase):
 
     def _submit(self, items: Sequence[Item], role: str) -> _Request:
         self._admit(len(items))
+        t0 = time.monotonic()
         try:
             prepared = self._prepare_all(items, role)
         except BaseException:
             self._release(len(items))
             raise
         req = _Request(role, np.zeros((len(items), self.backend.dim), np.float32),
-                       [p.truncated for p in prepared], len(items))
+                       [p.truncated for p in prepared], len(items), preprocess_s=time.monotonic() - t0)
         with self._wakeup:
             if self._closed:
                 self._admitted -= len(items)
@@ -335,6 +352,10 @@ class DynamicBatcher(_EncoderBase):
                     self._run_units(batch, role)
 
     def _run_units(self, batch: list[_Unit], role: str) -> None:
+        started = time.monotonic()
+        for u in batch:
+            if u.request.started is None:
+                u.request.started = started
         try:
             vectors = self._run([u.item for u in batch], role)
         except BaseException as exc:  # a failed batch fails its requests, never the worker
@@ -343,12 +364,13 @@ class DynamicBatcher(_EncoderBase):
                     u.request.future.set_exception(exc)
             self._release(len(batch))
             return
+        finished = time.monotonic()
         for u, vec in zip(batch, vectors):
             req = u.request
             req.vectors[u.index] = vec
             req.remaining -= 1
             if req.remaining == 0 and not req.future.done():
-                req.future.set_result(EncodeResult(req.vectors, req.truncated))
+                req.future.set_result(req.result(finished))
         self._release(len(batch))
 
     def close(self, timeout: float = 10.0) -> None:

@@ -10,6 +10,7 @@ import json
 import logging
 import time
 
+
 import click
 
 from ..cli_options import device_option, threads_option
@@ -46,6 +47,9 @@ def setting_option(name: str, help: str, **kw):
 @click.option("--batching/--no-batching", "batching", default=True, envvar="MIMIC_BATCHING", show_envvar=True,
               show_default=True, help="Dynamic batching of concurrent requests (--no-batching: each request on its own, "
               "the benchmark baseline).")
+@click.option("--timing-header/--no-timing-header", "timing_header", default=DEFAULTS.timing_header,
+              envvar="MIMIC_TIMING_HEADER", show_envvar=True, show_default=True,
+              help="A Server-Timing header (preprocess, queue, model, respond / index ms) on encoding routes.")
 @setting_option("max_batch", "Items per model batch.", type=click.IntRange(min=1))
 @setting_option("max_batch_tokens", "Padded text + visual tokens per model batch.", type=click.IntRange(min=1))
 @setting_option("max_wait_ms", "How long a batch waits for more requests, in ms.", type=click.FloatRange(0, 10_000))

@@ -33,6 +33,10 @@ class ServerMetrics:
                                       buckets=(64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768), registry=r)
         self.batch_seconds = Histogram("mimic_batch_duration_seconds", "Model time per batch",
                                        buckets=self.LATENCY_BUCKETS, registry=r)
+        self.stage_seconds = Histogram("mimic_request_stage_seconds", "Time of one encoding request per stage: "
+                                       "preprocess, queue (waiting for its batch), model, then index (search, "
+                                       "upsert) or respond (JSON encoding of /v1/embed)",
+                                       ["stage"], buckets=self.LATENCY_BUCKETS, registry=r)
         self.truncated = Counter("mimic_truncated_texts_total", "Texts cut to the model's max_length", registry=r)
         self.queue_depth = Gauge("mimic_encode_queue_depth", "Items admitted to the encoder and not yet answered",
                                  registry=r)
@@ -43,6 +47,11 @@ class ServerMetrics:
         self.batch_size.observe(items)
         self.batch_tokens.observe(tokens)
         self.batch_seconds.observe(seconds)
+
+    def observe_stages(self, seconds: dict) -> None:
+        """One request's {stage: seconds}."""
+        for stage, value in seconds.items():
+            self.stage_seconds.labels(stage).observe(value)
 
     def render(self) -> tuple[bytes, str]:
         """-> (the registry in Prometheus' text format, its content type)."""

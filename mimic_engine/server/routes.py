@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 from dataclasses import dataclass
 from typing import Mapping
 
+import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
@@ -148,23 +150,43 @@ def encode(state: ServerState, items: list[Item], role: str) -> EncodeResult:
     return result
 
 
+def finish_timings(state: ServerState, timings: dict, response: Response) -> None:
+    """Record a request's stage times ({stage: seconds}) in the metrics and, when `timing_header` is on, in
+    a `Server-Timing` header (ms, as browsers' developer tools show it)."""
+    state.metrics.observe_stages(timings)
+    if state.settings.timing_header:
+        response.headers["Server-Timing"] = ", ".join(f"{stage};dur={1e3 * s:.2f}" for stage, s in timings.items())
+
+
+def embed_json(vectors, truncated: list, dim: int, model_id: str) -> bytes:
+    """The EmbedResponse body, serialised straight from the (N, E) float32 array: each float is written
+    with the shortest decimal that reads back as the same float32 (no list of Python floats, no model
+    validation of N x E numbers)."""
+    return orjson.dumps({"embeddings": vectors, "dim": dim, "truncated": truncated, "model_id": model_id},
+                        option=orjson.OPT_SERIALIZE_NUMPY)
+
+
 # ---- routes ---------------------------------------------------------------------------------------
 router = APIRouter()
 
 
 @router.post("/v1/embed", response_model=EmbedResponse, tags=["encode"])
 def embed(body: EmbedRequest, state: ServerState = Depends(server_state)):
-    """Embed items (text, image or image+text) into the shared space; `role` = query or document."""
+    """Embed items (text, image or image+text) into the shared space; `role` = query or document.
+    The `Server-Timing` header gives the request's preprocess, queue, model and respond times (ms)."""
     check_count(len(body.items), "items", state.settings.max_items)
     items = [to_item(x, f"items[{i}]", state.settings, state.max_images)[0] for i, x in enumerate(body.items)]
     result = encode(state, items, body.role)
-    return EmbedResponse(embeddings=result.vectors.tolist(), dim=state.backend.dim, truncated=result.truncated,
-                         model_id=state.backend.model_id)
+    t0 = time.monotonic()
+    response = Response(embed_json(result.vectors, result.truncated, state.backend.dim, state.backend.model_id),
+                        media_type="application/json")
+    finish_timings(state, {**result.timings, "respond": time.monotonic() - t0}, response)
+    return response
 
 
 @router.post("/v1/documents", response_model=UpsertResponse, tags=["documents"],
              dependencies=[Depends(require_api_key)])
-def upsert(body: UpsertRequest, state: ServerState = Depends(server_state)):
+def upsert(body: UpsertRequest, response: Response, state: ServerState = Depends(server_state)):
     """Insert or replace documents. Answered only once the index has made them durable."""
     check_count(len(body.documents), "documents", state.settings.max_items)
     check_document_ids(body.documents, state.settings.max_id_chars)
@@ -172,7 +194,10 @@ def upsert(body: UpsertRequest, state: ServerState = Depends(server_state)):
                  for i, d in enumerate(body.documents)]
     result = encode(state, [item for item, _ in converted], "document")
     docs = [to_stored_document(d, item, raw) for d, (item, raw) in zip(body.documents, converted)]
-    return UpsertResponse(upserted=state.index.upsert(docs, result.vectors), truncated=result.truncated)
+    t0 = time.monotonic()
+    upserted = state.index.upsert(docs, result.vectors)
+    finish_timings(state, {**result.timings, "index": time.monotonic() - t0}, response)
+    return UpsertResponse(upserted=upserted, truncated=result.truncated)
 
 
 @router.get("/v1/documents/{doc_id:path}", response_model=DocumentOut, tags=["documents"])
@@ -191,14 +216,16 @@ def delete_document(doc_id: str, state: ServerState = Depends(server_state)):
 
 
 @router.post("/v1/search", response_model=SearchResponse, tags=["search"])
-def search(body: SearchRequest, state: ServerState = Depends(server_state)):
+def search(body: SearchRequest, response: Response, state: ServerState = Depends(server_state)):
     """Top-k documents for a text, image or image+text query, optionally of one modality."""
     max_k = state.settings.max_k
     if isinstance(body.k, bool) or not 1 <= body.k <= max_k:
         raise ApiError(422, "invalid_k", f"k={body.k!r}; expected an integer from 1 to {max_k} (max_k)")
     item, _ = to_item(body.query, "query", state.settings, state.max_images)
     result = encode(state, [item], "query")
+    t0 = time.monotonic()
     hits = state.index.search(result.vectors[0], body.k, modality=body.modality)
+    finish_timings(state, {**result.timings, "index": time.monotonic() - t0}, response)
     return SearchResponse(results=[document_out(doc, SearchHit, score=float(score)) for doc, score in hits],
                           truncated=result.truncated[0])
 

@@ -25,6 +25,7 @@ class ServerSettings:
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS
     max_queue: int = DEFAULT_MAX_QUEUE  # beyond it requests get 503 + Retry-After
     request_timeout_s: float = 60.0  # a request waiting longer for its batch gets 503
+    timing_header: bool = True  # a Server-Timing header (preprocess, queue, model, ... ms) on encoding routes
 
     # limits on requests
     api_key: str | None = None  # when set, write routes need `Authorization: Bearer <key>` or `X-API-Key`
