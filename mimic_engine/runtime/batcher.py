@@ -70,6 +70,7 @@ class EncodeTimeoutError(MimicError):
 class EncodeResult:
     vectors: np.ndarray  # (N, E) float32 unit vectors, input order
     truncated: list  # [bool] * N: was the item's text cut to the model's max_length
+    tokens: list = field(default_factory=list)  # [int] * N: text tokens (after truncation) + visual tokens
 
 
 @dataclass
@@ -88,6 +89,10 @@ class Prepared:
     @property
     def n_images(self) -> int:
         return int(self.pixels.shape[0])
+
+    def tokens(self, visual_tokens_per_image: int) -> int:
+        """What the model reads for this item: its text tokens plus the visual tokens of its images."""
+        return self.length + self.n_images * visual_tokens_per_image
 
 
 def prepare(preprocessor: Preprocessor, item: Item, name: str) -> Prepared:
@@ -119,6 +124,7 @@ class _Request:
     role: str
     vectors: np.ndarray
     truncated: list
+    tokens: list
     remaining: int
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
@@ -245,7 +251,8 @@ class DirectEncoder(_EncoderBase):
                     vectors[idx] = self._run([prepared[i] for i in idx], role)
                 finally:
                     self._model_lock.release()
-            return EncodeResult(vectors, [p.truncated for p in prepared])
+            return EncodeResult(vectors, [p.truncated for p in prepared],
+                                [p.tokens(self.visual_tokens_per_image) for p in prepared])
         finally:
             self._release(len(items))
 
@@ -280,8 +287,8 @@ class DynamicBatcher(_EncoderBase):
         except BaseException:
             self._release(len(items))
             raise
-        req = _Request(role, np.zeros((len(items), self.backend.dim), np.float32),
-                       [p.truncated for p in prepared], len(items))
+        req = _Request(role, np.zeros((len(items), self.backend.dim), np.float32), [p.truncated for p in prepared],
+                       [p.tokens(self.visual_tokens_per_image) for p in prepared], len(items))
         with self._wakeup:
             if self._closed:
                 self._admitted -= len(items)
@@ -348,7 +355,7 @@ class DynamicBatcher(_EncoderBase):
             req.vectors[u.index] = vec
             req.remaining -= 1
             if req.remaining == 0 and not req.future.done():
-                req.future.set_result(EncodeResult(req.vectors, req.truncated))
+                req.future.set_result(EncodeResult(req.vectors, req.truncated, req.tokens))
         self._release(len(batch))
 
     def close(self, timeout: float = 10.0) -> None:
