@@ -91,8 +91,9 @@ class Prepared:
         return int(self.pixels.shape[0])
 
     def tokens(self, visual_tokens_per_image: int) -> int:
-        """What the model reads for this item: its text tokens plus the visual tokens of its images."""
-        return self.length + self.n_images * visual_tokens_per_image
+        """What the model reads for this item: its text tokens (unmasked; an image-only item has none) plus
+        the visual tokens of its images."""
+        return int(self.attention_mask.sum()) + self.n_images * visual_tokens_per_image
 
 
 def prepare(preprocessor: Preprocessor, item: Item, name: str) -> Prepared:
