@@ -57,6 +57,11 @@
     return typeof value === "string" ? value : JSON.stringify(value);
   }
 
+  // an uploaded image's ref is its sha256: the first 12 hex name it well enough on a card
+  function shortRef(ref) {
+    return /^inline:[0-9a-f]{64}$/.test(ref) ? ref.slice(0, 19) + "…" : ref;
+  }
+
   function card(hit) {
     const li = el("li", { class: "card " + hit.modality, "data-id": hit.id });
     if (hit.modality === "image") {
@@ -78,7 +83,10 @@
     if (hit.image_ref) meta.push(["image_ref", hit.image_ref]);
     if (meta.length) {
       const dl = el("dl", { class: "metadata" });
-      for (const [key, value] of meta) dl.append(el("dt", { text: key }), el("dd", { text: shown(value) }));
+      for (const [key, value] of meta) {
+        const text = key === "image_ref" ? shortRef(value) : shown(value);
+        dl.append(el("dt", { text: key }), el("dd", { text: text, title: shown(value) }));
+      }
       li.appendChild(dl);
     }
     return li;
