@@ -3,6 +3,7 @@ handlers called with a hand-made state, and one image decode per uploaded image.
 import asyncio
 import base64
 import hashlib
+import json
 
 import pytest
 from pydantic import ValidationError
@@ -199,9 +200,16 @@ def test_handlers_run_on_a_hand_made_state():
 def test_library_errors_get_their_status():
     from mimic_engine.index.document_index import IndexClosedError
 
+    from starlette.requests import Request
+
+    def request(path):
+        return Request({"type": "http", "method": "POST", "path": path, "headers": [], "query_string": b""})
+
     for exc, status, code in ((InputError("bad"), 422, "invalid_input"), (IndexClosedError("closed"), 503, "unavailable")):
-        response = asyncio.run(mimic_error(None, exc))
+        response = asyncio.run(mimic_error(request("/v1/embed"), exc))
         assert response.status_code == status and code.encode() in response.body
+        openai_shape = json.loads(asyncio.run(mimic_error(request("/v1/embeddings"), exc)).body)["error"]
+        assert openai_shape["code"] == code and set(openai_shape) == {"message", "type", "param", "code"}
 
 
 # ---- one decode per image -------------------------------------------------------------------------

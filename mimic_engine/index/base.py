@@ -51,6 +51,11 @@ class VectorIndex(abc.ABC):
     def get_vector(self, doc_id: str) -> np.ndarray | None:
         """-> (dim,) float32 unit vector as stored, or None."""
 
+    def thumbnail(self, doc_id: str) -> bytes | None:
+        """The document's thumbnail (WebP or JPEG bytes) for the search page, or None: no such document,
+        none stored, or a backend that keeps no thumbnails (Milvus today)."""
+        return None
+
     @abc.abstractmethod
     def existing_ids(self, ids: list[str]) -> set[str]:
         """The subset of `ids` that is stored (resumable bulk builds skip these)."""

@@ -3,7 +3,8 @@
 Bulk building skips HTTP entirely: documents are encoded in batches and written in large upsert
 transactions (one SQLite commit and one hnswlib add_items per `chunk` documents). It is
 resumable: documents already in the index (same model: the index refuses another one) are
-skipped, so an interrupted build continues where its last committed chunk ended.
+skipped, so an interrupted build continues where its last committed chunk ended. Image documents
+get a thumbnail of their first image (index/thumbnails.py) unless `thumbnails=False`.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from ..errors import InputError
 from .store import IndexMismatchError, StoredDocument
+from .thumbnails import make_thumbnail
 
 
 def stored_document(doc, source: str, keep_caption: bool) -> StoredDocument:
@@ -30,17 +32,19 @@ def stored_document(doc, source: str, keep_caption: bool) -> StoredDocument:
 
 
 def build_index(encoder, dataset, index, batch_size: int = 64, progress: bool = True, caption_keep: float = 1.0,
-                chunk: int = 1024, source: str | None = None, seed: int = 0) -> int:
+                chunk: int = 1024, source: str | None = None, seed: int = 0, thumbnails: bool = True) -> int:
     """Encode every document of `dataset` (a RetrievalDataset) that `index` does not hold yet and upsert it.
 
     encoder: anything with .encode(items, role, batch_size) -> (N, dim) and .model_id / .dim
     (MimicEncoder); an index recorded under one of its `legacy_model_ids` is its own too. Documents are written `chunk` at a time (one transaction each); an image
     document's caption is kept with probability `caption_keep` (deterministic per id, see
-    data.types.caption_kept). -> the number of documents added.
+    data.types.caption_kept). An image document stores a thumbnail of its first image unless
+    `thumbnails` is False. -> the number of documents added.
     """
     from tqdm import tqdm
 
     from ..data.types import caption_kept
+    from ..preprocess import load_image
 
     own_ids = (encoder.model_id, *getattr(encoder, "legacy_model_ids", ()))
     if index.model_id not in own_ids or encoder.dim != index.dim:
@@ -60,11 +64,16 @@ def build_index(encoder, dataset, index, batch_size: int = 64, progress: bool = 
             if not todo:
                 continue
             keep = [caption_kept(d.id, caption_keep, seed) for d in todo]
-            vectors = []
+            vectors, stored = [], []
             for b in range(0, len(todo), batch_size):  # encode in steps so the bar moves per batch
                 items = [d.to_item(dataset.images, k) for d, k in zip(todo[b : b + batch_size], keep[b : b + batch_size])]
                 vectors.append(encoder.encode(items, role="document", batch_size=batch_size))
+                for d, k, item in zip(todo[b : b + batch_size], keep[b : b + batch_size], items):
+                    doc = stored_document(d, source, k)
+                    if thumbnails and item.images:
+                        doc.thumbnail = make_thumbnail(load_image(item.images[0], f"{d.id}.images[0]"))
+                    stored.append(doc)
                 bar.update(len(items))
-            index.upsert([stored_document(d, source, k) for d, k in zip(todo, keep)], np.concatenate(vectors))
+            index.upsert(stored, np.concatenate(vectors))
             added += len(todo)
     return added

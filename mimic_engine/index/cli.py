@@ -32,7 +32,10 @@ def index_group():
               help="HNSW links per node for a new index.")
 @click.option("--ef-construction", type=click.IntRange(min=1), default=None,
               show_default=str(HNSW_DEFAULTS["ef_construction"]), help="HNSW build breadth for a new index.")
-def build_command(model_path, data_kind, data_dir, index_dir, batch_size, caption_keep, device, M, ef_construction):
+@click.option("--thumbnails/--no-thumbnails", default=True, show_default=True,
+              help="Store a small preview (WebP, <= 256 px) of each image document, shown by the search page.")
+def build_command(model_path, data_kind, data_dir, index_dir, batch_size, caption_keep, device, M, ef_construction,
+                  thumbnails):
     """Encode a dataset's corpus into an index folder (much faster than upserting over HTTP)."""
     from ..data import load_dataset
     from ..encoder import MimicEncoder
@@ -44,7 +47,8 @@ def build_command(model_path, data_kind, data_dir, index_dir, batch_size, captio
     with open_index(index_dir, dim=encoder.dim, model_id=encoder.model_id, M=M, ef_construction=ef_construction,
                     legacy_model_ids=encoder.legacy_model_ids) as index:
         before = index.count()
-        added = build_index(encoder, dataset, index, batch_size=batch_size, caption_keep=caption_keep, source=data_kind)
+        added = build_index(encoder, dataset, index, batch_size=batch_size, caption_keep=caption_keep, source=data_kind,
+                            thumbnails=thumbnails)
         seconds = time.perf_counter() - t0
         click.echo(f"added {added} documents ({before} were already there) in {seconds:.1f} s"
                    f" ({added / max(seconds, 1e-9):.1f} docs/s); the index holds {index.count()} "

@@ -2,7 +2,7 @@
 
 Folder layout:
 
-    docs.sqlite (+ -wal, -shm)   documents, embeddings, labels, tombstones, meta  (store.py)
+    docs.sqlite (+ -wal, -shm)   documents, embeddings, labels, tombstones, meta, thumbnails (store.py)
     hnsw-<seq>.bin               the graph as of store sequence <seq>              (hnsw.py)
     index.json                   params (dim, model_id, M, ef_construction, ef, format) and which
                                  snapshot file is current, the seq it reflects, its size and CRC32
@@ -443,6 +443,12 @@ class DocumentIndex(VectorIndex):
         with self._lock.read():
             self._check_open()
             return self.store.get(doc_id)
+
+    def thumbnail(self, doc_id: str) -> bytes | None:
+        """The document's thumbnail (WebP or JPEG bytes), or None (no such document, or none was stored)."""
+        with self._lock.read():
+            self._check_open()
+            return self.store.thumbnail(doc_id)
 
     def get_vector(self, doc_id: str) -> np.ndarray | None:
         """-> (dim,) float32 unit vector as stored, or None."""

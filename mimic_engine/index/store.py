@@ -9,10 +9,13 @@ immutable (document version, vector) pair, and "what changed since sequence S" i
     tombstones with seq > S and label <= S   (versions that S knew and that are gone now)
 
 That is what lets the HNSW graph (a cache, see hnsw.py) be replayed forward from any snapshot.
+A thumbnail is written, replaced and deleted in the same transaction as its document's row, and
+read only by `thumbnail(id)` (never with search results, which stay small).
 
     docs(id TEXT PRIMARY KEY, label INTEGER UNIQUE, modality, text, caption, image_ref,
          metadata TEXT /* JSON */, embedding BLOB /* dim float32, little-endian */)
     tombstones(label INTEGER PRIMARY KEY, seq INTEGER)   -- a removed version and when it went
+    thumbnails(id TEXT PRIMARY KEY, image BLOB)           -- an image document's small preview (WebP/JPEG)
     meta(key TEXT PRIMARY KEY, value TEXT)                -- model_id, dim, M, ..., seq
 
 Durability: a write method returns only after its transaction committed. `synchronous=FULL`
@@ -53,6 +56,9 @@ class StoredDocument:
     caption: str | None = None
     image_ref: str | None = None  # where the image came from (path, "dataset:<kind>:<id>", or "inline:<sha256>")
     metadata: dict = field(default_factory=dict)
+    # a small preview image (index/thumbnails.py) written with the document; reads leave it None
+    # (DocumentStore.thumbnail fetches it), so search results never carry image bytes
+    thumbnail: bytes | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         return {"id": self.id, "modality": self.modality, "text": self.text, "caption": self.caption,
@@ -103,6 +109,7 @@ class DocumentStore:
                             " metadata TEXT NOT NULL, embedding BLOB NOT NULL)")
             self._w.execute("CREATE TABLE IF NOT EXISTS tombstones (label INTEGER PRIMARY KEY, seq INTEGER NOT NULL)")
             self._w.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self._w.execute("CREATE TABLE IF NOT EXISTS thumbnails (id TEXT PRIMARY KEY, image BLOB NOT NULL)")
             self._w.execute("INSERT OR IGNORE INTO meta VALUES ('seq', '0')")
 
     def _connect(self) -> sqlite3.Connection:
@@ -169,6 +176,10 @@ class DocumentStore:
                 "INSERT OR REPLACE INTO docs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(d.id, int(lbl), d.modality, d.text, d.caption, d.image_ref, json.dumps(d.metadata),
                   np.ascontiguousarray(v, dtype="<f4").tobytes()) for d, lbl, v in zip(docs, labels, vectors)])
+            # a replaced document keeps no thumbnail of its old version
+            con.executemany("DELETE FROM thumbnails WHERE id=?", [(i,) for i in ids if i in old])
+            con.executemany("INSERT OR REPLACE INTO thumbnails VALUES (?, ?)",
+                            [(d.id, d.thumbnail) for d in docs if d.thumbnail is not None])
             con.execute("UPDATE meta SET value=? WHERE key='seq'", (str(int(labels[-1])),))
         return labels, replaced
 
@@ -180,6 +191,7 @@ class DocumentStore:
                 return None
             seq = int(con.execute("SELECT value FROM meta WHERE key='seq'").fetchone()[0]) + 1
             con.execute("DELETE FROM docs WHERE id=?", (doc_id,))
+            con.execute("DELETE FROM thumbnails WHERE id=?", (doc_id,))
             con.execute("INSERT INTO tombstones VALUES (?, ?)", (row[0], seq))
             con.execute("UPDATE meta SET value=? WHERE key='seq'", (str(seq),))
         return row[0]
@@ -200,6 +212,10 @@ class DocumentStore:
     def get(self, doc_id: str) -> StoredDocument | None:
         row = self._r.execute(f"SELECT {self._DOC_COLUMNS} FROM docs WHERE id=?", (doc_id,)).fetchone()
         return None if row is None else self._doc(row)
+
+    def thumbnail(self, doc_id: str) -> bytes | None:
+        row = self._r.execute("SELECT image FROM thumbnails WHERE id=?", (doc_id,)).fetchone()
+        return None if row is None else bytes(row[0])
 
     def get_vector(self, doc_id: str) -> np.ndarray | None:
         row = self._r.execute("SELECT embedding FROM docs WHERE id=?", (doc_id,)).fetchone()

@@ -70,6 +70,7 @@ class EncodeTimeoutError(MimicError):
 class EncodeResult:
     vectors: np.ndarray  # (N, E) float32 unit vectors, input order
     truncated: list  # [bool] * N: was the item's text cut to the model's max_length
+    tokens: list = field(default_factory=list)  # [int] * N: text tokens (after truncation) + visual tokens
     # seconds per stage of this request: "preprocess" (tokenising, image decoding on the caller's thread),
     # "queue" (waiting for its first model batch to start), "model" (its first batch's start to its last's end)
     timings: dict = field(default_factory=dict)
@@ -91,6 +92,11 @@ class Prepared:
     @property
     def n_images(self) -> int:
         return int(self.pixels.shape[0])
+
+    def tokens(self, visual_tokens_per_image: int) -> int:
+        """What the model reads for this item: its text tokens (unmasked; an image-only item has none) plus
+        the visual tokens of its images."""
+        return int(self.attention_mask.sum()) + self.n_images * visual_tokens_per_image
 
 
 def prepare(preprocessor: Preprocessor, item: Item, name: str) -> Prepared:
@@ -122,6 +128,7 @@ class _Request:
     role: str
     vectors: np.ndarray
     truncated: list
+    tokens: list
     remaining: int
     preprocess_s: float = 0.0
     future: Future = field(default_factory=Future)
@@ -130,9 +137,9 @@ class _Request:
     cancelled: bool = False
 
     def result(self, finished: float) -> EncodeResult:
-        return EncodeResult(self.vectors, self.truncated, {"preprocess": self.preprocess_s,
-                                                           "queue": self.started - self.enqueued,
-                                                           "model": finished - self.started})
+        return EncodeResult(self.vectors, self.truncated, self.tokens, {"preprocess": self.preprocess_s,
+                                                                        "queue": self.started - self.enqueued,
+                                                                        "model": finished - self.started})
 
 
 @dataclass
@@ -261,7 +268,8 @@ class DirectEncoder(_EncoderBase):
                     timings["model"] += time.monotonic() - t1
                 finally:
                     self._model_lock.release()
-            return EncodeResult(vectors, [p.truncated for p in prepared], timings)
+            return EncodeResult(vectors, [p.truncated for p in prepared],
+                                [p.tokens(self.visual_tokens_per_image) for p in prepared], timings)
         finally:
             self._release(len(items))
 
@@ -297,8 +305,9 @@ class DynamicBatcher(_EncoderBase):
         except BaseException:
             self._release(len(items))
             raise
-        req = _Request(role, np.zeros((len(items), self.backend.dim), np.float32),
-                       [p.truncated for p in prepared], len(items), preprocess_s=time.monotonic() - t0)
+        req = _Request(role, np.zeros((len(items), self.backend.dim), np.float32), [p.truncated for p in prepared],
+                       [p.tokens(self.visual_tokens_per_image) for p in prepared], len(items),
+                       preprocess_s=time.monotonic() - t0)
         with self._wakeup:
             if self._closed:
                 self._admitted -= len(items)

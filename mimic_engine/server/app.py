@@ -4,7 +4,10 @@
     POST /v1/embed            {"items": [item], "role": "query"|"document"}
     POST /v1/documents        {"documents": [{"id", ...item, "metadata"}]}     (API key when set)
     GET/DELETE /v1/documents/{id}                                              (DELETE: API key)
+    GET /v1/documents/{id}/thumbnail                                           (image documents)
     POST /v1/search           {"query": item, "k": 10, "modality": "text"|"image"|null}
+    POST /v1/embeddings  GET /v1/models         OpenAI-compatible (openai_api.py)
+    GET /                     the search page (page.py, static/)
     GET /healthz  /readyz  /metrics  /v1/info  /docs
 
 An item is {"text"?, "image"? (base64), "images"? [base64], "caption"?}; the caption is the text of
@@ -17,7 +20,8 @@ a crash is the backend's, see docs/index.md).
 
 The parts: `schemas` (request and response bodies), `routes` (handlers and their helpers over a
 `ServerState`), `metrics` (Prometheus series and the limits-and-metrics middleware), `api_errors`
-(the error shape and handlers). This module only wires them together.
+(the error shape and handlers), `openai_api` (the OpenAI-compatible routes), `page` (the search
+page). This module only wires them together.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ from fastapi import FastAPI
 from ..runtime.batcher import make_encoder
 from .api_errors import add_error_handlers
 from .metrics import LimitsAndMetrics, ServerMetrics
+from .openai_api import router as openai_router
+from .page import add_search_page
 from .routes import ServerState, router
 from .settings import ServerSettings
 
@@ -62,4 +68,6 @@ def create_app(settings: ServerSettings, backend, index) -> FastAPI:
     app.state.settings, app.state.backend, app.state.index, app.state.encoder = settings, backend, index, encoder
     add_error_handlers(app)
     app.include_router(router)
+    app.include_router(openai_router)
+    add_search_page(app)
     return app

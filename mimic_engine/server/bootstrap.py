@@ -106,7 +106,8 @@ def open_backend_and_index(settings: ServerSettings, progress: bool = True, echo
         dataset = load_dataset("demo")
         if index.count() < len(dataset.documents):  # empty, or an interrupted first build: add what is missing
             echo(f"Indexing the demo corpus into {path} ({index.count()}/{len(dataset.documents)} there; once).")
-            build_index(backend, dataset, index, batch_size=64, progress=progress, source="demo")
+            build_index(backend, dataset, index, batch_size=64, progress=progress, source="demo",
+                        thumbnails=settings.thumbnails)
             index.flush()
     return backend, index
 

@@ -38,6 +38,8 @@ def setting_option(name: str, help: str, **kw):
 @setting_option("index", "Index folder, or milvus:<uri>[#<collection>] (milvus:./x.db runs Milvus Lite in-process, "
                 "milvus:http://host:19530 a Milvus server; token from MIMIC_MILVUS_TOKEN) [default: the demo index for "
                 "the demo model, else <home>/indexes/<model id>].")
+@setting_option("model_name", "Model name listed by /v1/models and expected in /v1/embeddings requests "
+                "[default: mimic-<first 12 hex of the model id>].")
 @setting_option("host", "Address to bind (127.0.0.1 = this machine only).")
 @setting_option("port", "Port to listen on.", type=click.IntRange(1, 65535))
 @setting_option("backend", "Inference backend; 'auto' picks the fastest available and says why.",
@@ -62,6 +64,9 @@ def setting_option(name: str, help: str, **kw):
 @setting_option("max_text_chars", "Longest text in characters (token truncation beyond the model's length is reported).",
                 type=click.IntRange(min=1))
 @setting_option("max_k", "Largest k for /v1/search.", type=click.IntRange(min=1))
+@click.option("--thumbnails/--no-thumbnails", "thumbnails", default=True, envvar="MIMIC_THUMBNAILS", show_envvar=True,
+              show_default=True, help="Store a small preview (WebP, <= 256 px) of each uploaded image document, "
+              "shown by the search page at /.")
 @setting_option("hnsw_m", "HNSW links per node, for a new index.", type=click.IntRange(min=2),
                 show_default=str(HNSW_DEFAULTS["M"]))
 @setting_option("hnsw_ef_construction", "HNSW build breadth, for a new index.", type=click.IntRange(min=1),
@@ -83,7 +88,7 @@ def serve_command(log_level, **options):
     backend.warmup()
     app = create_app(settings, backend, index)
     click.echo(f"serving model {backend.model_id[:12]} ({backend.name}, dim {backend.dim}) with index {index.path} "
-               f"({index.count()} documents) on http://{settings.host}:{settings.port} (docs: /docs); "
+               f"({index.count()} documents) on http://{settings.host}:{settings.port} (search page: /, docs: /docs); "
                f"batching {'on' if settings.batching else 'off'}; ready in {time.perf_counter() - t0:.1f} s", err=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, timeout_graceful_shutdown=30)
 

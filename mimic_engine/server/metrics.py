@@ -106,7 +106,7 @@ class LimitsAndMetrics:
             if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
                 response = error_response(413, "body_too_large", f"the request body has {length.decode(errors='replace')} "
                                           f"bytes; the limit is {self.max_body_bytes} (max_body_bytes): send fewer "
-                                          "items per request or smaller images")
+                                          "items per request or smaller images", path=scope.get("path", ""))
                 return await response(scope, receive, send_wrapper)
             received = [0]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import orjson
@@ -21,6 +21,7 @@ from fastapi.responses import Response
 from ..errors import InputError
 from ..index.base import VectorIndex
 from ..index.store import StoredDocument
+from ..index.thumbnails import make_thumbnail, media_type
 from ..preprocess import ImageFormatError, ImageTooLargeError, Item, decode_base64, decode_image
 from ..runtime.base import Backend
 from ..runtime.batcher import DirectEncoder, DynamicBatcher, EncodeResult
@@ -40,6 +41,7 @@ class ServerState:
     index: VectorIndex
     encoder: DynamicBatcher | DirectEncoder
     metrics: ServerMetrics
+    created: int = field(default_factory=lambda: int(time.time()))  # unix time the app was built (/v1/models)
 
     @property
     def max_images(self) -> int:
@@ -135,12 +137,14 @@ def check_document_ids(documents: list[DocumentIn], max_id_chars: int) -> None:
         seen.add(d.id)
 
 
-def to_stored_document(d: DocumentIn, item: Item, raw: bytes | None) -> StoredDocument:
-    """What the index keeps of an uploaded document: an inline image is referred to by its sha256."""
+def to_stored_document(d: DocumentIn, item: Item, raw: bytes | None, thumbnail: bool = True) -> StoredDocument:
+    """What the index keeps of an uploaded document: an inline image is referred to by its sha256, and
+    (with `thumbnail`) kept as a small preview of its first image."""
     image_ref = d.image_ref or (f"inline:{hashlib.sha256(raw).hexdigest()}" if raw is not None else None)
     is_image = item.modality == "image"
     return StoredDocument(id=d.id, modality=item.modality, text=None if is_image else item.text,
-                          caption=item.text if is_image else None, image_ref=image_ref, metadata=d.metadata)
+                          caption=item.text if is_image else None, image_ref=image_ref, metadata=d.metadata,
+                          thumbnail=make_thumbnail(item.images[0]) if thumbnail and item.images else None)
 
 
 def encode(state: ServerState, items: list[Item], role: str) -> EncodeResult:
@@ -150,11 +154,11 @@ def encode(state: ServerState, items: list[Item], role: str) -> EncodeResult:
     return result
 
 
-def finish_timings(state: ServerState, timings: dict, response: Response) -> None:
+def finish_timings(state: ServerState, timings: dict, response: Response | None) -> None:
     """Record a request's stage times ({stage: seconds}) in the metrics and, when `timing_header` is on, in
     a `Server-Timing` header (ms, as browsers' developer tools show it)."""
     state.metrics.observe_stages(timings)
-    if state.settings.timing_header:
+    if response is not None and state.settings.timing_header:
         response.headers["Server-Timing"] = ", ".join(f"{stage};dur={1e3 * s:.2f}" for stage, s in timings.items())
 
 
@@ -193,11 +197,39 @@ def upsert(body: UpsertRequest, response: Response, state: ServerState = Depends
     converted = [to_item(d, f"documents[{i}] ({d.id})", state.settings, state.max_images)
                  for i, d in enumerate(body.documents)]
     result = encode(state, [item for item, _ in converted], "document")
-    docs = [to_stored_document(d, item, raw) for d, (item, raw) in zip(body.documents, converted)]
+    docs = [to_stored_document(d, item, raw, state.settings.thumbnails) for d, (item, raw) in
+            zip(body.documents, converted)]
     t0 = time.monotonic()
     upserted = state.index.upsert(docs, result.vectors)
     finish_timings(state, {**result.timings, "index": time.monotonic() - t0}, response)
     return UpsertResponse(upserted=upserted, truncated=result.truncated)
+
+
+THUMBNAIL_SUFFIX = "/thumbnail"
+
+
+# before the document route: its `path` id would swallow the suffix
+@router.get(f"/v1/documents/{{doc_id:path}}{THUMBNAIL_SUFFIX}", tags=["documents"],
+            responses={200: {"content": {"image/webp": {}, "image/jpeg": {}}, "description": "The thumbnail"}})
+def get_thumbnail(doc_id: str, request: Request, state: ServerState = Depends(server_state)):
+    """An image document's thumbnail (WebP, at most 256 px), stored at upsert; 404 when it has none."""
+    data = state.index.thumbnail(doc_id)
+    if data is None:
+        if state.index.get(doc_id + THUMBNAIL_SUFFIX) is not None:  # an id that itself ends in /thumbnail
+            return get_document(doc_id + THUMBNAIL_SUFFIX, state)
+        doc = state.index.get(doc_id)
+        if doc is None:
+            raise ApiError(404, "not_found", f"no document with id {doc_id!r}")
+        why = (
+            "it is a text document" if doc.modality == "text"
+            else "it was stored with thumbnails turned off, or before the index kept them (upsert it again)")
+        raise ApiError(404, "no_thumbnail", f"document {doc_id!r} has no thumbnail: {why}")
+    etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
+    # revalidated on every use (a replaced document gets a new thumbnail), answered 304 while unchanged
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    return Response(data, media_type=media_type(data), headers=headers)
 
 
 @router.get("/v1/documents/{doc_id:path}", response_model=DocumentOut, tags=["documents"])
@@ -215,9 +247,8 @@ def delete_document(doc_id: str, state: ServerState = Depends(server_state)):
     return {"deleted": doc_id}
 
 
-@router.post("/v1/search", response_model=SearchResponse, tags=["search"])
-def search(body: SearchRequest, response: Response, state: ServerState = Depends(server_state)):
-    """Top-k documents for a text, image or image+text query, optionally of one modality."""
+def run_search(state: ServerState, body: SearchRequest, response: Response | None = None) -> SearchResponse:
+    """The search behind POST /v1/search and the search page (`response`: where the stage timings go)."""
     max_k = state.settings.max_k
     if isinstance(body.k, bool) or not 1 <= body.k <= max_k:
         raise ApiError(422, "invalid_k", f"k={body.k!r}; expected an integer from 1 to {max_k} (max_k)")
@@ -228,6 +259,12 @@ def search(body: SearchRequest, response: Response, state: ServerState = Depends
     finish_timings(state, {**result.timings, "index": time.monotonic() - t0}, response)
     return SearchResponse(results=[document_out(doc, SearchHit, score=float(score)) for doc, score in hits],
                           truncated=result.truncated[0])
+
+
+@router.post("/v1/search", response_model=SearchResponse, tags=["search"])
+def search(body: SearchRequest, response: Response, state: ServerState = Depends(server_state)):
+    """Top-k documents for a text, image or image+text query, optionally of one modality."""
+    return run_search(state, body, response)
 
 
 @router.get("/healthz", tags=["operations"])

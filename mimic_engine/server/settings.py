@@ -17,6 +17,7 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     threads: int | None = None  # CPU threads per operator (torch / ONNX Runtime); None = library default
+    model_name: str | None = None  # the name /v1/models lists and /v1/embeddings expects; None = mimic-<model id[:12]>
 
     # batching (mimic_engine.runtime.batcher, where the defaults and their meaning live)
     batching: bool = True  # False: each request is encoded on its own (benchmark baseline)
@@ -35,6 +36,9 @@ class ServerSettings:
     max_text_chars: int = 20_000  # characters per text; tokens beyond the model's max_length are truncated and reported
     max_k: int = 1000
     max_id_chars: int = 512
+
+    # documents
+    thumbnails: bool = True  # image documents keep a small preview (index/thumbnails.py) for the search page
 
     # index (None: the index's own value; M and ef_construction apply only when a new index is created)
     hnsw_m: int | None = None
@@ -58,6 +62,9 @@ class ServerSettings:
         if self.max_items > self.max_queue:
             raise ConfigError(f"max_items={self.max_items} exceeds max_queue={self.max_queue}: such a request could "
                               "never be admitted; raise max_queue or lower max_items")
+        if self.model_name is not None and (not self.model_name.strip() or not self.model_name.isprintable()):
+            raise ConfigError(f"model_name={self.model_name!r} must be printable and not blank; leave it unset for "
+                              "the default mimic-<model id>")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("api_key is empty; leave it unset to disable authentication")
         return self
