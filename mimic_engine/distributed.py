@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import functools
 import os
 
 import numpy as np
@@ -192,13 +193,33 @@ def gather_with_grad(x):
     if world_size() == 1:
         return x
     import torch
-    from torch.distributed.nn.functional import all_gather
 
     sizes = [s[0] for s in _all_gather_ints([x.shape[0]])]
     pad = max(sizes) - x.shape[0]
     padded = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) if pad else x
-    parts = _collective(all_gather, padded.contiguous())
-    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+    blocks = _gather_blocks().apply(padded.contiguous())  # (world, max n_r, ...)
+    return torch.cat([block[:n] for block, n in zip(blocks, sizes)])
+
+
+@functools.cache
+def _gather_blocks():
+    """The autograd function behind gather_with_grad (made on first use: torch is imported lazily)."""
+    import torch
+
+    class GatherBlocks(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, block):  # (m, ...) -> (world, m, ...): every rank's block
+            out = [torch.empty_like(block) for _ in range(world_size())]
+            _collective(_dist().all_gather, out, block)
+            return torch.stack(out)
+
+        @staticmethod
+        def backward(ctx, grad):  # the sum over the ranks of their gradient of this rank's block
+            grad = grad.contiguous()
+            _collective(_dist().all_reduce, grad)
+            return grad[rank()]
+
+    return GatherBlocks
 
 
 def all_reduce_gradients(parameters) -> None:
