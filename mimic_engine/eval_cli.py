@@ -20,22 +20,27 @@ from .evaluate import DEFAULT_KEEP_RATES, diagnostics, evaluate, format_table
 @click.option("--no-diagnostics", is_flag=True, help="Skip the modality-collapse / misalignment diagnostics.")
 def eval_command(checkpoint, data_kind, data_dir, split, caption_keep, json_path, batch_size, device,
                  max_queries, seed, no_diagnostics):
-    """Evaluate CHECKPOINT on a dataset: MRR@10, NDCG@10, Recall@20/100 at each caption-keep rate."""
+    """Evaluate CHECKPOINT on a dataset: MRR@10, NDCG@10, Recall@20/100 at each caption-keep rate.
+    Under `torchrun --nproc-per-node N --no-python mimic-engine eval ...` the N processes share the
+    encoding and rank 0 prints and writes the results."""
     import json
 
+    from . import distributed
     from .data import load_dataset
     from .encoder import MimicEncoder
 
-    encoder = MimicEncoder.from_checkpoint(checkpoint, device=device)
+    encoder = MimicEncoder.from_checkpoint(checkpoint, device=distributed.init_from_env(device))
     dataset = load_dataset(data_kind, data_dir)
     result = evaluate(encoder, dataset, split=split, caption_keep=caption_keep, seed=seed,
-                      batch_size=batch_size, max_queries=max_queries, progress=True)
+                      batch_size=batch_size, max_queries=max_queries, progress=True, sharded=True)
     diag, diag_note = None, None
     if not no_diagnostics:
         try:
-            diag = diagnostics(encoder, dataset, seed=seed, batch_size=batch_size)
+            diag = diagnostics(encoder, dataset, seed=seed, batch_size=batch_size, sharded=True)
         except DataError as exc:
             diag_note = f"diagnostics skipped: {exc}"
+    if not distributed.is_main():
+        return
     click.echo(format_table(result, diag))
     if diag_note:
         click.echo(diag_note)

@@ -7,6 +7,10 @@
 `encoder` is anything with `.encode(items, role=..., batch_size=...) -> (N, E) float32` (a
 `MimicEncoder` or a runtime `Backend`).
 
+Sharded (`sharded=True` under torchrun, see mimic_engine/distributed.py): every process calls
+`evaluate` / `diagnostics` with the same arguments, encodes its share of every chunk of items,
+and rank 0 receives the vectors, scores and returns the result; the other processes return None.
+
 Caption-keep protocol ("WebQA+"/"EVQA+": captions removed from some images; the paper does not say
 how many, so we report several rates): at rate r, an image document keeps its caption iff
 `caption_kept(doc.id, r, seed)` (a deterministic per-document coin, so every model and every run
@@ -16,10 +20,11 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
+from . import distributed
 from .data.types import Document, RetrievalDataset, caption_kept
 from .errors import DataError, InputError
 from .metrics import METRICS, exact_topk, mean_metrics, per_query_metrics
@@ -41,19 +46,28 @@ def _has_caption(doc: Document) -> bool:
     return doc.modality == "image" and bool(doc.image_ids) and doc.text is not None and doc.text.strip() != ""
 
 
-def _encode(encoder, items: Iterable[Item], n: int, role: str, batch_size: int) -> np.ndarray:
-    """Encode a lazily built stream of `n` items in chunks -> (n, E) float32."""
-    parts, chunk = [], []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == ENCODE_CHUNK:
-            parts.append(np.asarray(encoder.encode(chunk, role=role, batch_size=batch_size), dtype=np.float32))
-            chunk = []
-    if chunk:
-        parts.append(np.asarray(encoder.encode(chunk, role=role, batch_size=batch_size), dtype=np.float32))
+def _encode(encoder, sources: Sequence, role: str, batch_size: int, to_item: Callable[..., Item] | None = None,
+            sharded: bool = False) -> np.ndarray | None:
+    """Encode `to_item(s)` for each of `sources` (the sources themselves when `to_item` is None) ->
+    (len(sources), E) float32. Items are built a chunk at a time: the image store is never read whole.
+    `sharded` under torchrun: each process encodes its share of every round of chunks (one chunk
+    per process), rank 0 gets the vectors in order and the other processes get None."""
+    world = distributed.world_size() if sharded else 1
+    parts = []
+    for start in range(0, len(sources), ENCODE_CHUNK * world):
+        round_sources = sources[start : start + ENCODE_CHUNK * world]
+        mine = distributed.shard_range(len(round_sources)) if world > 1 else range(len(round_sources))
+        items = [s if to_item is None else to_item(s) for s in round_sources[mine.start : mine.stop]]
+        vectors = np.asarray(encoder.encode(items, role=role, batch_size=batch_size), dtype=np.float32) if items \
+            else np.zeros((0, 0), dtype=np.float32)
+        if world > 1 and len(vectors) != len(items):
+            raise InputError(f"the encoder returned {len(vectors)} vectors for {len(items)} items")
+        parts.append(distributed.gather_rows(vectors) if world > 1 else vectors)
+    if world > 1 and not distributed.is_main():
+        return None
     out = np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
-    if out.shape[0] != n:
-        raise InputError(f"the encoder returned {out.shape[0]} vectors for {n} items")
+    if out.shape[0] != len(sources):
+        raise InputError(f"the encoder returned {out.shape[0]} vectors for {len(sources)} items")
     return out
 
 
@@ -74,8 +88,10 @@ def _check_rates(caption_keep: Sequence[float]) -> list[float]:
 
 
 def evaluate(encoder, dataset: RetrievalDataset, split: str = "dev", caption_keep: Sequence[float] = DEFAULT_KEEP_RATES,
-             seed: int = 0, batch_size: int = 64, max_queries: int | None = None, progress: bool = False) -> dict:
+             seed: int = 0, batch_size: int = 64, max_queries: int | None = None, progress: bool = False,
+             sharded: bool = False) -> dict | None:
     """Retrieve from the whole mixed corpus (exact inner-product top-100) and score the split.
+    `sharded`: under torchrun the processes share the encoding; rank 0 returns the result, the others None.
 
     Returns (metrics x100 at full precision; None for a modality with no query):
         {"split", "n_queries", "n_documents", "seed",
@@ -93,7 +109,7 @@ def evaluate(encoder, dataset: RetrievalDataset, split: str = "dev", caption_kee
     image documents once; an image document with a caption once with it (if some rate keeps it)
     and once without (if some rate drops it).
     """
-    log = _Log(progress)
+    log = _Log(progress and distributed.is_main())
     rates = _check_rates(caption_keep)
     queries = list(dataset.split(split))[: max_queries if max_queries is not None else None]
     queries = [q for q in queries if q.positives]
@@ -109,10 +125,14 @@ def evaluate(encoder, dataset: RetrievalDataset, split: str = "dev", caption_kee
     full_idx = [i for i in range(len(docs)) if i not in keeps or any(keeps[i])]  # as given (caption kept)
     bare_idx = [i for i in captioned if not all(keeps[i])]  # caption dropped at some rate
     log(f"encoding {len(full_idx)} documents as given and {len(bare_idx)} image documents without caption")
-    full = _encode(encoder, (docs[i].to_item(dataset.images, keep_caption=True) for i in full_idx),
-                   len(full_idx), "document", batch_size)
-    bare = _encode(encoder, (docs[i].to_item(dataset.images, keep_caption=False) for i in bare_idx),
-                   len(bare_idx), "document", batch_size)
+    full = _encode(encoder, [docs[i] for i in full_idx], "document", batch_size,
+                   lambda d: d.to_item(dataset.images, keep_caption=True), sharded)
+    bare = _encode(encoder, [docs[i] for i in bare_idx], "document", batch_size,
+                   lambda d: d.to_item(dataset.images, keep_caption=False), sharded)
+    log(f"encoding {len(queries)} {split} queries")
+    q_vecs = _encode(encoder, queries, "query", batch_size, lambda q: q.to_item(dataset.images), sharded)
+    if q_vecs is None:  # another process of a sharded evaluation: rank 0 scores
+        return None
     # row of each document in `full` / `bare` (-1: that view was not needed)
     full_row = np.full(len(docs), -1, dtype=np.int64)
     full_row[full_idx] = np.arange(len(full_idx))
@@ -121,8 +141,6 @@ def evaluate(encoder, dataset: RetrievalDataset, split: str = "dev", caption_kee
     dim = full.shape[1] if len(full_idx) else bare.shape[1]
 
     # ---- queries -------------------------------------------------------------------------------
-    log(f"encoding {len(queries)} {split} queries")
-    q_vecs = _encode(encoder, (q.to_item(dataset.images) for q in queries), len(queries), "query", batch_size)
     qrels = {q.id: {d: 1 for d in q.positives} for q in queries}
     groups: dict[str, list[str]] = {m: [] for m in MODALITIES}
     kinds: dict[str, list[str]] = {}
@@ -176,8 +194,10 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def diagnostics(encoder, dataset: RetrievalDataset, max_items: int = 500, seed: int = 0, batch_size: int = 64) -> dict:
+def diagnostics(encoder, dataset: RetrievalDataset, max_items: int = 500, seed: int = 0, batch_size: int = 64,
+                sharded: bool = False) -> dict | None:
     """The paper's pilot-study diagnostics on image documents that have a caption.
+    `sharded`: under torchrun the processes share the encoding; rank 0 returns the result, the others None.
 
     Up to `max_items` such documents are drawn (seeded). For document i with image(s) I_i and
     caption c_i, all encoded as documents and L2-normalised; cos = cosine similarity, dist = 1 - cos:
@@ -231,13 +251,15 @@ def diagnostics(encoder, dataset: RetrievalDataset, max_items: int = 500, seed: 
                  for d, s in zip(docs, swap)],
         "text": [Item(text=d.text, name=f"{d.id}:caption") for d in docs],
     }
-    vec = {k: _unit(_encode(encoder, v, n, "document", batch_size)) for k, v in items.items()}  # each (n, E)
+    vec = {k: _encode(encoder, v, "document", batch_size, sharded=sharded) for k, v in items.items()}  # each (n, E)
+    same_caption_shift, n_pairs = _same_caption_shift(encoder, eligible, images, rng, max(1, max_items // 2),
+                                                      batch_size, sharded)
+    if vec["full"] is None:  # another process of a sharded run: rank 0 computes
+        return None
+    vec = {k: _unit(v) for k, v in vec.items()}
 
     def dist(a, b):
         return float(np.mean(1.0 - np.sum(vec[a] * vec[b], axis=1)))
-
-    same_caption_shift, n_pairs = _same_caption_shift(encoder, eligible, images, rng, max(1, max_items // 2),
-                                                      batch_size)
 
     removal, swapped = dist("full", "bare"), dist("full", "swap")
     sims = vec["text"] @ vec["bare"].T  # (n, n): caption i vs image j
@@ -263,7 +285,7 @@ def diagnostics(encoder, dataset: RetrievalDataset, max_items: int = 500, seed: 
 
 
 def _same_caption_shift(encoder, eligible: list[Document], images, rng, max_pairs: int,
-                        batch_size: int) -> tuple[float | None, int]:
+                        batch_size: int, sharded: bool = False) -> tuple[float | None, int]:
     """-> (mean dist(enc(I_a + c), enc(I_b + c)) over pairs of documents sharing caption c, or None
     when there is no pair; number of pairs). Documents are encoded as given (their caption is c)."""
     by_caption: dict[str, list[Document]] = {}
@@ -277,7 +299,10 @@ def _same_caption_shift(encoder, eligible: list[Document], images, rng, max_pair
     if not pairs:
         return None, 0
     used = list(dict.fromkeys(i for pair in pairs for i in pair))
-    vec = _unit(_encode(encoder, [items[i] for i in used], len(used), "document", batch_size))  # (M, E)
+    vec = _encode(encoder, [items[i] for i in used], "document", batch_size, sharded=sharded)  # (M, E)
+    if vec is None:  # another process of a sharded run
+        return None, len(pairs)
+    vec = _unit(vec)
     row = {i: k for k, i in enumerate(used)}
     a, b = vec[[row[i] for i, _ in pairs]], vec[[row[j] for _, j in pairs]]  # (P, E) each
     return float(np.mean(1.0 - np.sum(a * b, axis=1))), len(pairs)

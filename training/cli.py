@@ -111,7 +111,8 @@ def parse_options(argv: list[str]) -> TrainOptions:
               show_default=strategy_default("caption_dropout_queries"),
               help="Image+text queries (EVQA) lose their text with the caption-dropout probability.")
 @click.option("--batch-size", type=click.IntRange(min=2), default=DEFAULTS.batch_size, show_default=True,
-              help="Queries per step (at least 2: in-batch negatives).")
+              help="Queries per step (at least 2: in-batch negatives); under torchrun the global batch, "
+                   "shared by the processes.")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=DEFAULTS.grad_accum, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=DEFAULTS.steps, show_default=True,
               help="Upper bound on optimisation steps.")

@@ -4,6 +4,16 @@ a progress bar, a JSONL metrics log and a PNG of the curves.
 
 Outputs in `out/`: ckpt.pt (best dev MRR@10), last.pt (resume state), metrics.jsonl, curves.png,
 results.json (final dev and test metrics at every caption-keep rate, plus diagnostics).
+
+Data-parallel under torchrun (mimic_engine/distributed.py): `batch_size` stays the global batch.
+Every process draws the whole step's queries and coins from the same seeded stream and encodes its
+contiguous share; the candidate embeddings are all-gathered with gradients, so each process's rows
+are scored against the candidates of the whole batch (the loss is query -> candidate only, so the
+queries need not travel: the union of the processes' rows is the whole batch's rows), and the
+gradients are summed over the processes: one step equals a one-process step on the same batch.
+Rank 0 alone evaluates, selects and writes files while the others wait for its decision. The
+sampling state does not depend on the number of processes, so `--resume` continues a run with the
+same or another number of processes.
 """
 from __future__ import annotations
 
@@ -17,10 +27,10 @@ import time
 import numpy as np
 import torch
 
+from mimic_engine import distributed
 from mimic_engine.checkpoint import save_checkpoint, update_checkpoint_meta
-from mimic_engine.device import resolve_device
 from mimic_engine.encoder import MimicEncoder
-from mimic_engine.errors import CheckpointError, ConfigError
+from mimic_engine.errors import CheckpointError, ConfigError, DataError
 from mimic_engine.modeling import build_model
 from mimic_engine.preprocess import load_tokenizer
 
@@ -83,8 +93,6 @@ def lr_factor(progress: float, warmup: float) -> float:
 def load_hard_negatives(path: str | None) -> dict | None:
     if not path:
         return None
-    from mimic_engine.errors import DataError
-
     out = {}
     with open(path, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
@@ -108,7 +116,11 @@ class Trainer:
         self.run = run
         self.opts = opts = run.options
         self.config = run.config
-        self.device = torch.device(resolve_device(opts.device))
+        self.device = torch.device(distributed.init_from_env(opts.device))  # one process: resolve_device
+        self.world_size, self.is_main = distributed.world_size(), distributed.is_main()
+        if opts.batch_size < self.world_size:
+            raise ConfigError(f"batch_size={opts.batch_size} is the global batch, shared by the {self.world_size} "
+                              f"processes; pass --batch-size {self.world_size} or more")
         seed_everything(opts.seed)
         from mimic_engine.data import load_dataset
 
@@ -140,11 +152,17 @@ class Trainer:
         self.log_path = os.path.join(opts.out, "metrics.jsonl")
         if opts.resume:
             self._resume(opts.resume)
-        elif os.path.exists(self.log_path):
+        elif os.path.exists(self.log_path) and self.is_main:
             os.remove(self.log_path)
+        if self.world_size > 1:
+            distributed.broadcast_module(self.model)  # the same start everywhere, as DistributedDataParallel
+            # dropout: another stream per process, reproducible from (seed, rank, step)
+            torch.manual_seed(int(np.random.SeedSequence([opts.seed, distributed.rank(), self.step]).generate_state(1)[0]))
 
     # ---- persistence ------------------------------------------------------------------------------
     def meta(self, **extra) -> dict:
+        if self.world_size > 1:
+            extra = {"processes": self.world_size, **extra}
         return {"step": self.step, "seed": self.opts.seed, "commit": git_commit(), "data": self.opts.data,
                 "train_options": self.opts.to_dict(), "best_dev_select_mrr10": self.best,
                 "select_keep": list(self.opts.select_keep), **extra}
@@ -186,18 +204,27 @@ class Trainer:
         self.stream.load_state(state["stream"])
 
     def log(self, record: dict) -> None:
+        if not self.is_main:
+            return
         with open(self.log_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 
     # ---- one optimisation step -------------------------------------------------------------------
-    def train_step(self) -> dict:
+    def compute_gradients(self) -> tuple[dict, dict]:
+        """Forward and backward passes of one step (its `grad_accum` batches); under torchrun the
+        gradients are then summed over the processes. -> ({"loss", "acc"} of the step, the batch
+        stats summed over its batches), both of the whole global batch."""
         self.model.train()
         opts = self.opts
         totals = {"loss": 0.0, "acc": 0.0}
         stats_sum: dict = {}
         for _ in range(opts.grad_accum):
-            batch = make_batch(self.stream.take(opts.batch_size), self.dataset, self.rng, self.config.strategy,
-                               self.hard_negatives)
+            queries = self.stream.take(opts.batch_size)
+            share = distributed.shard_range(len(queries)) if self.world_size > 1 else None
+            batch = make_batch(queries, self.dataset, self.rng, self.config.strategy, self.hard_negatives, share)
+            if self.world_size > 1 and not batch.query_items:
+                raise DataError(f"process {distributed.rank()} drew no training query with a positive in the corpus; "
+                                f"use a larger --batch-size")
             pre = self.encoder.preprocessor
             q_in = pre.collate(batch.query_items).to(self.device)
             c_in = pre.collate(batch.candidate_items).to(self.device)
@@ -206,13 +233,24 @@ class Trainer:
             with torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 q = self.model.encode_queries(q_in)
                 c = self.model.encode_documents(c_in)
-            loss, info = contrastive_loss(q, c, self.model.scale(), targets, ignore)
+            if self.world_size > 1:  # this process's rows against the candidates of every process
+                loss, info = contrastive_loss(q, distributed.gather_with_grad(c), self.model.scale(), targets, ignore,
+                                              total_rows=batch.total_rows)
+            else:
+                loss, info = contrastive_loss(q, c, self.model.scale(), targets, ignore)
             loss = loss / opts.grad_accum
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            totals["loss"] += float(loss.detach())
-            totals["acc"] += info["acc"] / opts.grad_accum
+            step_loss, step_acc = distributed.all_reduce_sum([float(loss.detach()), info["acc"]])
+            totals["loss"] += step_loss
+            totals["acc"] += step_acc / opts.grad_accum
             for k, v in batch.stats.items():
                 stats_sum[k] = stats_sum.get(k, 0) + v
+        distributed.all_reduce_gradients(self.model.parameters())
+        return totals, stats_sum
+
+    def train_step(self) -> dict:
+        opts = self.opts
+        totals, stats_sum = self.compute_gradients()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], opts.grad_clip)
@@ -250,7 +288,15 @@ class Trainer:
         return res
 
     def maybe_evaluate(self) -> bool:
-        """Dev MRR@10, averaged over `select_keep` rates; saves ckpt.pt on improvement. True = stop early."""
+        """Dev MRR@10, averaged over `select_keep` rates; saves ckpt.pt on improvement. True = stop early.
+        Under torchrun rank 0 evaluates and decides; the other processes wait for its decision."""
+        stop = self._evaluate_and_select() if self.is_main else None
+        if self.world_size > 1:
+            self.best, self.best_step, self.evals_without_gain, stop = distributed.broadcast_object(
+                (self.best, self.best_step, self.evals_without_gain, stop))
+        return stop
+
+    def _evaluate_and_select(self) -> bool:
         res = self.evaluate("dev", self.opts.select_keep)
         mrr = float(np.mean([r["all"]["MRR@10"] for r in res["results"].values()]))
         improved = mrr > self.best
@@ -270,10 +316,15 @@ class Trainer:
         from tqdm import tqdm
 
         opts = self.opts
-        bar = tqdm(total=opts.steps, initial=self.step, disable=not opts.progress, desc=f"train {opts.fusion}",
-                   dynamic_ncols=True)
+        bar = tqdm(total=opts.steps, initial=self.step, disable=not opts.progress or not self.is_main,
+                   desc=f"train {opts.fusion}", dynamic_ncols=True)
+        if self.world_size > 1:
+            self.log({"event": "started", "step": self.step, "processes": self.world_size,
+                      "global_batch": opts.batch_size})
         stop_reason = "steps"
         while self.step < opts.steps:
+            if self.world_size > 1:  # rank 0's clock: the time budget and the schedule agree everywhere
+                self.elapsed = distributed.broadcast_object(self.elapsed)
             if opts.max_minutes and self.elapsed >= 60.0 * opts.max_minutes:
                 stop_reason = "time budget"
                 break
@@ -300,10 +351,11 @@ class Trainer:
 
 def final_report(ckpt_path: str, opts: TrainOptions, dataset=None) -> dict:
     """Evaluate the best checkpoint on dev and test at every caption-keep rate, with diagnostics.
-    `opts`: the run's (resolved) options."""
+    `opts`: the run's (resolved) options. Under torchrun every process calls this: they share the
+    encoding, rank 0 scores and updates the checkpoint, and every process returns the report."""
     from mimic_engine.evaluate import diagnostics, evaluate
 
-    encoder = MimicEncoder.from_checkpoint(ckpt_path, resolve_device(opts.device))
+    encoder = MimicEncoder.from_checkpoint(ckpt_path, distributed.init_from_env(opts.device))
     encoder.model.vision_stage.enable_feature_cache()  # fixed weights: each image through the tower once
     if dataset is None:
         from mimic_engine.data import load_dataset
@@ -313,7 +365,9 @@ def final_report(ckpt_path: str, opts: TrainOptions, dataset=None) -> dict:
     for split in ("dev", "test"):
         if split in dataset.queries and dataset.queries[split]:
             report[split] = evaluate(encoder, dataset, split, caption_keep=tuple(opts.final_caption_keep),
-                                     seed=opts.seed, batch_size=opts.eval_batch_size)
-    report["diagnostics"] = diagnostics(encoder, dataset, seed=opts.seed)
-    update_checkpoint_meta(ckpt_path, {"final_metrics": {s: report[s]["results"] for s in ("dev", "test") if s in report}})
-    return report
+                                     seed=opts.seed, batch_size=opts.eval_batch_size, sharded=True)
+    report["diagnostics"] = diagnostics(encoder, dataset, seed=opts.seed, sharded=True)
+    if distributed.is_main():
+        update_checkpoint_meta(ckpt_path, {"final_metrics": {s: report[s]["results"] for s in ("dev", "test")
+                                                             if s in report}})
+    return distributed.broadcast_object(report)

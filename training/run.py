@@ -7,6 +7,10 @@
 
 Writes OUT/ckpt.pt (best dev MRR@10), OUT/last.pt (resume), OUT/metrics.jsonl, OUT/curves.png and
 OUT/results.json. `mimic-engine train`, `compare` and the demo model's first start call this.
+
+Under torchrun (`torchrun --nproc-per-node N training/train.py ...`) every process runs this: they
+train together (training/loop.py), share the final report's encoding, and rank 0 alone writes and
+prints; every process returns the same outcome.
 """
 from __future__ import annotations
 
@@ -39,16 +43,22 @@ def run_training(options: TrainOptions, echo: Callable[[str], None] = print) -> 
     run = resolve_options(options)
     opts, strategy = run.options, run.config.strategy
     trainer = Trainer(run)
+    if not trainer.is_main:
+        echo = _silent
     ds = trainer.dataset
+    processes = (f", {trainer.world_size} processes sharing each global batch of {opts.batch_size} queries"
+                 if trainer.world_size > 1 else "")
     echo(f"training {opts.fusion} fusion ({opts.preset}) on {opts.data}: {len(ds.documents)} documents, "
          f"{len(trainer.stream.queries)} training queries, device {trainer.device}, "
          f"caption dropout {strategy.caption_dropout}, mix-in {strategy.mixin}, "
-         f"query caption dropout {'on' if strategy.caption_dropout_queries else 'off'}")
+         f"query caption dropout {'on' if strategy.caption_dropout_queries else 'off'}{processes}")
     ckpt = trainer.fit()
-    plot_curves(trainer.log_path, os.path.join(opts.out, "curves.png"), f"{opts.preset} / {opts.fusion} fusion")
+    if trainer.is_main:
+        plot_curves(trainer.log_path, os.path.join(opts.out, "curves.png"), f"{opts.preset} / {opts.fusion} fusion")
     report = final_report(ckpt, opts, ds)
-    with open(os.path.join(opts.out, "results.json"), "w", encoding="utf-8") as fh:
-        json.dump(report, fh, indent=2)
+    if trainer.is_main:
+        with open(os.path.join(opts.out, "results.json"), "w", encoding="utf-8") as fh:
+            json.dump(report, fh, indent=2)
     echo(f"best checkpoint: {ckpt} (step {trainer.best_step}, dev MRR@10 {trainer.best:.2f} "
          f"averaged over caption-keep {list(opts.select_keep)}, {trainer.step} steps, "
          f"{trainer.elapsed / 60:.1f} min in the loop, stopped by {trainer.stop_reason})")
@@ -58,3 +68,7 @@ def run_training(options: TrainOptions, echo: Callable[[str], None] = print) -> 
             echo(format_table(report[split], report.get("diagnostics") if split == "test" else None))
     return TrainingOutcome(ckpt, run, report, trainer.step, trainer.best_step, trainer.best,
                            round(trainer.elapsed / 60, 3), trainer.stop_reason)
+
+
+def _silent(_message: str) -> None:
+    """The echo of the processes other than rank 0 (which prints for the job)."""

@@ -39,11 +39,12 @@ from mimic_engine.preprocess import Item
 
 @dataclass
 class TrainingBatch:
-    query_items: list  # R items (rows)
-    candidate_items: list  # C items
-    targets: list  # R ints: the candidate index of each row's positive
-    ignore: np.ndarray  # (R, C) bool: positives of the row other than its target (excluded from its softmax)
-    stats: dict = field(default_factory=dict)
+    query_items: list  # R items (rows) of this process's share
+    candidate_items: list  # the candidates of this process's share
+    targets: list  # R ints: the candidate index of each row's positive, among the whole batch's candidates
+    ignore: np.ndarray  # (R, C) bool over the whole batch's C candidates: positives of the row other than its target
+    stats: dict = field(default_factory=dict)  # of the whole batch
+    total_rows: int = 0  # rows of the whole batch (R when the share is the whole batch)
 
 
 def _doc_item(doc: Document, dataset: RetrievalDataset, keep_caption: bool) -> Item:
@@ -55,28 +56,40 @@ def _is_multimodal(doc: Document, keep_caption: bool) -> bool:
 
 
 def make_batch(queries: list[Query], dataset: RetrievalDataset, rng: random.Random, s: TrainingStrategy,
-               hard_negatives: dict[str, list[str]] | None = None) -> TrainingBatch:
+               hard_negatives: dict[str, list[str]] | None = None, share: range | None = None) -> TrainingBatch:
     """One step's batch. `s` is the model's `config.strategy`; `hard_negatives` (query id -> mined
-    document ids, see `load_hard_negatives`) adds the modality-balanced negatives, None = none."""
-    rows_q: list[Query] = []
-    query_items, cand_items, cand_doc_ids, targets = [], [], [], []
+    document ids, see `load_hard_negatives`) adds the modality-balanced negatives, None = none.
+
+    `share` (data-parallel training): the positions in `queries` whose rows and candidates this
+    process encodes; None = all of them. Every process draws the coins of the whole batch, in the
+    same order, so they depend on the seed, the step and the row, never on how many processes
+    share the batch; items are built (images read) for the share only. The share's candidates are
+    a contiguous block of the whole batch's, so the processes' blocks in rank order are the
+    candidates one process would have, and `targets` / `ignore` index those."""
+    rows_positives: list[set] = []  # per row of the whole batch: its query's positives
+    row_in_share: list[bool] = []
+    all_targets: list[int] = []
+    query_items, cand_items, cand_doc_ids = [], [], []
     stats = {"captions_dropped": 0, "captions_seen": 0, "mixin_views": 0, "hard_negatives": 0, "query_text_dropped": 0}
 
-    def add_candidate(doc: Document, keep_caption: bool, view: str | None = None) -> int:
-        if view == "image":
-            item = Item(images=[dataset.images.get(i) for i in doc.image_ids], name=doc.id)
-        elif view == "caption":
-            item = Item(text=doc.text, name=doc.id)
-        else:
-            item = _doc_item(doc, dataset, keep_caption)
-        cand_items.append(item)
+    def add_candidate(doc: Document, keep_caption: bool, mine: bool, view: str | None = None) -> int:
+        if mine:
+            if view == "image":
+                item = Item(images=[dataset.images.get(i) for i in doc.image_ids], name=doc.id)
+            elif view == "caption":
+                item = Item(text=doc.text, name=doc.id)
+            else:
+                item = _doc_item(doc, dataset, keep_caption)
+            cand_items.append(item)
         cand_doc_ids.append(doc.id)
-        return len(cand_items) - 1
+        return len(cand_doc_ids) - 1
 
-    def add_row(query: Query, item: Item, target: int) -> None:
-        rows_q.append(query)
-        query_items.append(item)
-        targets.append(target)
+    def add_row(query: Query, item: Item | None, target: int) -> None:
+        rows_positives.append(set(query.positives))
+        row_in_share.append(item is not None)
+        if item is not None:
+            query_items.append(item)
+        all_targets.append(target)
 
     def keep_caption_of(doc: Document) -> bool:
         if doc.modality != "image" or not (doc.text and doc.text.strip()):
@@ -86,23 +99,27 @@ def make_batch(queries: list[Query], dataset: RetrievalDataset, rng: random.Rand
         stats["captions_dropped"] += int(dropped)
         return not dropped
 
-    for q in queries:
+    for n, q in enumerate(queries):
         positives = [d for d in q.positives if dataset.has_doc(d)]
         if not positives:
             continue
-        q_item = q.to_item(dataset.images)
-        if s.caption_dropout_queries and q_item.images and q_item.has_text and rng.random() < s.caption_dropout:
-            q_item = Item(images=q_item.images, name=q.id)
-            stats["query_text_dropped"] += 1
+        mine = share is None or n in share
+        has_text = bool(q.text and q.text.strip())
+        drop_text = bool(s.caption_dropout_queries and q.image_ids and has_text and rng.random() < s.caption_dropout)
+        q_item = None
+        if mine:
+            q_item = Item(images=[dataset.images.get(i) for i in q.image_ids], name=q.id) if drop_text \
+                else q.to_item(dataset.images)
+        stats["query_text_dropped"] += int(drop_text)
         pos = dataset.doc(rng.choice(positives))
         keep = keep_caption_of(pos)
-        add_row(q, q_item, add_candidate(pos, keep))
+        add_row(q, q_item, add_candidate(pos, keep, mine))
         if _is_multimodal(pos, keep) and s.mixin > 0:
-            n = math.floor(s.mixin) + int(rng.random() < s.mixin - math.floor(s.mixin))
+            n_views = math.floor(s.mixin) + int(rng.random() < s.mixin - math.floor(s.mixin))
             first = rng.choice(["image", "caption"])
-            for k in range(n):
+            for k in range(n_views):
                 view = first if k % 2 == 0 else ("caption" if first == "image" else "image")
-                add_row(q, q_item, add_candidate(pos, True, view))
+                add_row(q, q_item, add_candidate(pos, True, mine, view))
                 stats["mixin_views"] += 1
         if hard_negatives:
             mined = [d for d in hard_negatives.get(q.id, q.hard_negatives) if d not in set(q.positives) and dataset.has_doc(d)]
@@ -110,16 +127,16 @@ def make_batch(queries: list[Query], dataset: RetrievalDataset, rng: random.Rand
                 pool = [d for d in mined if dataset.doc(d).modality == modality]
                 if pool:
                     neg = dataset.doc(rng.choice(pool[:100]))
-                    add_candidate(neg, keep_caption_of(neg))
+                    add_candidate(neg, keep_caption_of(neg), mine)
                     stats["hard_negatives"] += 1
 
-    positive_sets = [set(q.positives) for q in rows_q]
-    ignore = np.zeros((len(query_items), len(cand_items)), dtype=bool)
-    for r, pos_set in enumerate(positive_sets):
+    rows = [r for r, inside in enumerate(row_in_share) if inside]
+    ignore = np.zeros((len(rows), len(cand_doc_ids)), dtype=bool)
+    for i, r in enumerate(rows):
         for c, doc_id in enumerate(cand_doc_ids):
-            if c != targets[r] and doc_id in pos_set:
-                ignore[r, c] = True
-    return TrainingBatch(query_items, cand_items, targets, ignore, stats)
+            if c != all_targets[r] and doc_id in rows_positives[r]:
+                ignore[i, c] = True
+    return TrainingBatch(query_items, cand_items, [all_targets[r] for r in rows], ignore, stats, len(all_targets))
 
 
 class QueryStream:

@@ -36,23 +36,31 @@ def index_group():
               help="Store a small preview (WebP, <= 256 px) of each image document, shown by the search page.")
 def build_command(model_path, data_kind, data_dir, index_dir, batch_size, caption_keep, device, M, ef_construction,
                   thumbnails):
-    """Encode a dataset's corpus into an index folder (much faster than upserting over HTTP)."""
+    """Encode a dataset's corpus into an index folder (much faster than upserting over HTTP). Under
+    `torchrun --nproc-per-node N --no-python mimic-engine index build ...` the N processes share the
+    encoding and rank 0 writes the index."""
+    import contextlib
+
+    from .. import distributed
     from ..data import load_dataset
     from ..encoder import MimicEncoder
     from .selection import open_index
 
-    encoder = MimicEncoder.from_checkpoint(model_path, device=device)
+    encoder = MimicEncoder.from_checkpoint(model_path, device=distributed.init_from_env(device))
     dataset = load_dataset(data_kind, data_dir)
     t0 = time.perf_counter()
-    with open_index(index_dir, dim=encoder.dim, model_id=encoder.model_id, M=M, ef_construction=ef_construction,
-                    legacy_model_ids=encoder.legacy_model_ids) as index:
-        before = index.count()
+    opened = open_index(index_dir, dim=encoder.dim, model_id=encoder.model_id, M=M, ef_construction=ef_construction,
+                        legacy_model_ids=encoder.legacy_model_ids) if distributed.is_main() else None
+    with opened if opened is not None else contextlib.nullcontext() as index:
+        before = index.count() if index is not None else 0
         added = build_index(encoder, dataset, index, batch_size=batch_size, caption_keep=caption_keep, source=data_kind,
                             thumbnails=thumbnails)
         seconds = time.perf_counter() - t0
-        click.echo(f"added {added} documents ({before} were already there) in {seconds:.1f} s"
-                   f" ({added / max(seconds, 1e-9):.1f} docs/s); the index holds {index.count()} "
-                   f"({index.count('text')} text, {index.count('image')} image) at {index.path}")
+        if index is not None:
+            processes = f" by {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
+            click.echo(f"added {added} documents ({before} were already there) in {seconds:.1f} s"
+                       f" ({added / max(seconds, 1e-9):.1f} docs/s{processes}); the index holds {index.count()} "
+                       f"({index.count('text')} text, {index.count('image')} image) at {index.path}")
 
 
 @index_group.command("info")
