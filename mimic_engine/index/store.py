@@ -98,7 +98,7 @@ def unicode_problem(value, path: str) -> str | None:
         for key, child in value.items():
             if isinstance(key, str) and not _valid_unicode(key):
                 return unicode_problem(key, f"{path} key {key!r}")
-            problem = unicode_problem(child, f"{path}.{key}")
+            problem = unicode_problem(child, f"{path}.{key}" if path else str(key))
             if problem is not None:
                 return problem
     elif isinstance(value, list):
@@ -109,14 +109,14 @@ def unicode_problem(value, path: str) -> str | None:
     return None
 
 
-def _replace_lone_surrogates(value):
+def replace_lone_surrogates(value):
     """`value` (nested dicts / lists / str) with every lone surrogate replaced by U+FFFD."""
     if isinstance(value, str):
         return value if _valid_unicode(value) else "".join("\ufffd" if _is_surrogate(ch) else ch for ch in value)
     if isinstance(value, dict):
-        return {_replace_lone_surrogates(k): _replace_lone_surrogates(v) for k, v in value.items()}
+        return {replace_lone_surrogates(k): replace_lone_surrogates(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_replace_lone_surrogates(v) for v in value]
+        return [replace_lone_surrogates(v) for v in value]
     return value
 
 
@@ -125,7 +125,7 @@ def _load_metadata(raw: str, doc_id: str) -> dict:
     them as \\udXXX, as it does surrogate pairs, so only such rows take the slow path)."""
     metadata = json.loads(raw)
     if "\\ud" in raw or "\\uD" in raw:
-        fixed = _replace_lone_surrogates(metadata)
+        fixed = replace_lone_surrogates(metadata)
         if fixed != metadata:
             log.warning("document %r: its stored metadata holds lone UTF-16 surrogates (stored by an older version); "
                         "served with U+FFFD in their place; upsert the document again to store it so", doc_id)

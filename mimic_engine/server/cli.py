@@ -57,6 +57,8 @@ def setting_option(name: str, help: str, **kw):
 @setting_option("max_text_chars", "Longest text in characters (token truncation beyond the model's length is reported).",
                 type=click.IntRange(min=1))
 @setting_option("max_k", "Largest k for /v1/search.", type=click.IntRange(min=1))
+@setting_option("max_metadata_bytes", "Largest metadata of one document, as UTF-8 JSON (returned with every hit).",
+                type=click.IntRange(min=1))
 @setting_option("hnsw_m", "HNSW links per node, for a new index.", type=click.IntRange(min=2),
                 show_default=str(HNSW_DEFAULTS["M"]))
 @setting_option("hnsw_ef_construction", "HNSW build breadth, for a new index.", type=click.IntRange(min=1),
