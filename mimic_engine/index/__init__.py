@@ -9,7 +9,7 @@ Importing this package imports numpy and sqlite3 only; hnswlib loads when an ind
 """
 from .build import build_index, stored_document
 from .document_index import DocumentIndex, RWLock, describe
-from .store import MODALITIES, DocumentStore, IndexMismatchError, StoredDocument
+from .store import MODALITIES, DocumentStore, IndexMismatchError, StorageFullError, StoreDamagedError, StoredDocument
 
-__all__ = ["DocumentIndex", "DocumentStore", "IndexMismatchError", "MODALITIES", "RWLock", "StoredDocument",
-           "build_index", "describe", "stored_document"]
+__all__ = ["DocumentIndex", "DocumentStore", "IndexMismatchError", "MODALITIES", "RWLock", "StorageFullError",
+           "StoreDamagedError", "StoredDocument", "build_index", "describe", "stored_document"]

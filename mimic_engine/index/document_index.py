@@ -38,7 +38,8 @@ import numpy as np
 
 from ..errors import InputError, MimicError
 from .hnsw import TEMP_MARK, HnswGraph, file_crc32, fsync_dir
-from .store import MODALITIES, STORE_FILE, DocumentStore, IndexMismatchError, StoredDocument, validate_documents
+from .store import (MODALITIES, STORE_FILE, DocumentStore, IndexMismatchError, StoreDamagedError, StoredDocument,
+                    damaged_store_message, validate_documents)
 
 log = logging.getLogger(__name__)
 
@@ -591,6 +592,8 @@ def describe(path: str) -> dict:
     try:
         meta = {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM meta")}
         by_mod = dict(con.execute("SELECT modality, COUNT(*) FROM docs GROUP BY modality").fetchall())
+    except sqlite3.DatabaseError as exc:
+        raise StoreDamagedError(damaged_store_message(store, str(exc))) from exc
     finally:
         con.close()
     params = _read_json(os.path.join(path, PARAMS_FILE)) or {}

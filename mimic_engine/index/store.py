@@ -181,6 +181,9 @@ def _sqlite_errors(method):
             if translated is exc:
                 raise
             raise translated from exc
+        except json.JSONDecodeError as exc:  # stored metadata that is no longer JSON: a damaged page
+            log.error("the document store %s is damaged: stored metadata is unreadable (%s)", self.path, exc)
+            raise StoreDamagedError(damaged_store_message(self.path, f"stored metadata is unreadable: {exc}")) from exc
     return translating
 
 
@@ -245,7 +248,8 @@ class DocumentStore:
         if code == sqlite3.SQLITE_FULL or "disk is full" in str(exc):
             return StorageFullError(f"the disk holding {self.path} is full (SQLite: {exc}); the write was not stored: "
                                     "free disk space (or raise the quota) and send it again")
-        if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) or "malformed" in str(exc) or "not a database" in str(exc):
+        if (code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+                or any(sign in str(exc) for sign in ("malformed", "not a database", "Could not decode to UTF-8"))):
             log.error("the document store %s is damaged: %s", self.path, exc)
             return StoreDamagedError(damaged_store_message(self.path, str(exc)))
         return exc
