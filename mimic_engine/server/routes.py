@@ -88,7 +88,7 @@ def decode_base64_image(data: str, name: str, max_pixels: int):
     try:
         return decode_image(raw, name, max_pixels), raw
     except ImageTooLargeError as exc:
-        if exc.size is None:  # Pillow's own guard refused the header; its message says why
+        if exc.size is None:  # Pillow's own guard refused the header; the message names max_pixels
             raise ApiError(413, "image_too_large", str(exc)) from None
         w, h = exc.size
         raise ApiError(413, "image_too_large", f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of "
