@@ -143,14 +143,18 @@ def test_damaged_store_is_refused_at_open_naming_the_file_and_the_way_out(tmp_pa
     with pytest.raises(StoreDamagedError) as caught:
         DocumentIndex(str(tmp_path / "i"), dim=DIM, model_id="m")
     message = str(caught.value)
-    assert str(store) in message and "backup" in message and ".recover" in message and "index build" in message
+    assert str(store) in message and "backup" in message and "index repair" in message and "index build" in message
     assert isinstance(caught.value, MimicError)  # the CLI prints it as one line, no traceback
     # the folder is not left locked, and the read-only stats say the same
     with pytest.raises(StoreDamagedError):
         DocumentIndex(str(tmp_path / "i"), dim=DIM, model_id="m")
     if where == "header":
+        from mimic_engine.index.repair import repair_store
+
         with pytest.raises(StoreDamagedError, match="damaged"):
             describe(str(tmp_path / "i"))
+        with pytest.raises(StoreDamagedError, match="nothing in .* can be read.*backup"):
+            repair_store(str(tmp_path / "i"))
 
 
 def damage_id_index(store) -> None:
@@ -189,3 +193,30 @@ def test_damage_met_at_run_time_fails_only_that_read(tmp_path, monkeypatch, capl
                 assert str(store) in str(exc)
         assert ok > 0 and damaged > 0, (ok, damaged)
         assert "is damaged" in caplog.text and str(store) in caplog.text
+
+
+def test_repair_keeps_the_readable_documents_and_names_the_lost(tmp_path):
+    from click.testing import CliRunner
+
+    from mimic_engine.index.cli import index_group
+
+    vecs = build(tmp_path / "i", n=2000)
+    store = tmp_path / "i" / STORE_FILE
+    damage(store, (os.path.getsize(store) // PAGE // 2) * PAGE)  # a page in the middle of the documents
+    with pytest.raises(StoreDamagedError, match="mimic-engine index repair"):
+        DocumentIndex(str(tmp_path / "i"), dim=DIM, model_id="m")
+    result = CliRunner().invoke(index_group, ["repair", "--index", str(tmp_path / "i")])
+    assert result.exit_code == 0, result.output
+    assert "kept " in result.output and "damaged file is now" in result.output
+    kept = int(result.output.split("kept ")[1].split()[0])
+    assert 1000 < kept < 2000, result.output
+    assert len([f for f in os.listdir(tmp_path / "i") if ".damaged-" in f]) >= 1
+    with DocumentIndex(str(tmp_path / "i"), dim=DIM, model_id="m") as idx:
+        assert idx.count() == kept and idx.opened["rebuilt"]
+        present = [i for i in range(2000) if idx.get(f"d{i}") is not None]
+        assert len(present) == kept
+        for i in present[:: max(1, kept // 20)]:
+            assert idx.search(vecs[i], k=1)[0][0].id == f"d{i}"
+        # labels stay above every label ever issued: a new document never takes a lost one's label
+        idx.upsert(docs_for([5000]), unit(np.random.default_rng(9), 1))
+        assert idx.store.seq > 2000

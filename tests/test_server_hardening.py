@@ -246,3 +246,30 @@ def test_full_disk_answers_507_and_keeps_everything_acknowledged(tiny_encoders, 
     with DocumentIndex(str(index_dir), backend.dim, backend.model_id) as index:
         assert index.count() == 8 and not index.opened["rebuilt"]
         assert index.opened["replayed_upserts"] == 8  # replayed from the store onto the last good snapshot
+
+
+def test_a_damaged_page_fails_only_the_requests_that_read_it(tiny_encoders, tmp_path, monkeypatch):
+    """A store too large to check at open, with a damaged page of its id index: GET of an id on that page
+    answers 500 store_damaged, every other request answers as usual."""
+    import numpy as np
+
+    from mimic_engine.index import store as store_module
+    from tests.test_index import docs_for
+    from tests.test_index_hardening import damage_id_index
+
+    backend = TorchBackend.from_encoder(tiny_encoders("decoder"))
+    rng = np.random.default_rng(0)
+    with DocumentIndex(str(tmp_path / "index"), backend.dim, backend.model_id) as index:
+        index.upsert(docs_for(range(2000)), rng.standard_normal((2000, backend.dim)).astype(np.float32))
+    damage_id_index(tmp_path / "index" / "docs.sqlite")
+    monkeypatch.setattr(store_module, "QUICK_CHECK_SECONDS", 0.0)
+    with serve(tiny_encoders, tmp_path / "index") as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        statuses = {}
+        for i in range(0, 2000, 7):
+            r = client.get(f"/v1/documents/d{i}")
+            statuses.setdefault(r.status_code, []).append(r)
+        assert set(statuses) == {200, 500} and len(statuses[200]) > len(statuses[500]) > 0, {s: len(v) for s, v in statuses.items()}
+        assert all(r.json()["error"]["code"] == "store_damaged" for r in statuses[500])
+        assert str(tmp_path) not in statuses[500][0].text  # server paths stay in the log
+        assert client.post("/v1/search", json={"query": {"text": "passage 5"}, "k": 5}).status_code == 200
+        assert client.get("/readyz").status_code == 200

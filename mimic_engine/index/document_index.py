@@ -57,6 +57,26 @@ FILTERED_EXACT_MAX = 1024
 FILTERED_EXACT_SHARE = 0.05
 
 
+def lock_folder(path: str):
+    """Hold the folder's LOCK (flock, released when the returned file closes); MimicError naming the holder."""
+    import fcntl
+
+    fh = open(os.path.join(path, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise MimicError(f"index folder {path} is open in another process (pid {holder}); stop it, or use "
+                         f"'mimic-engine index stats' (read-only), or another --index folder") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
+
+
 class IndexClosedError(MimicError):
     """The index was closed (the server is shutting down)."""
 
@@ -203,22 +223,7 @@ class DocumentIndex:
 
     # ---- opening ------------------------------------------------------------------------------
     def _lock_folder(self):
-        import fcntl
-
-        fh = open(os.path.join(self.path, LOCK_FILE), "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "?"
-            fh.close()
-            raise MimicError(f"index folder {self.path} is open in another process (pid {holder}); stop it, or use "
-                             f"'mimic-engine index stats' (read-only), or another --index folder") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        return fh
+        return lock_folder(self.path)
 
     def _remove_temp_files(self):
         """Temp files of writers that were killed or failed (this process holds the folder now)."""

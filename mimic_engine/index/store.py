@@ -66,11 +66,12 @@ class StoreDamagedError(MimicError):
 
 
 def damaged_store_message(path: str, detail: str) -> str:
+    folder = os.path.dirname(path)
     return (f"the document store {path} is damaged ({detail}). Restore it (with its -wal file, if any) from a "
-            f"backup, or rebuild the index from your documents into a new folder ('mimic-engine index build'). "
-            f"The sqlite3 tool salvages the rows it can still read: 'sqlite3 {path} .recover | sqlite3 recovered.sqlite', "
-            f"then stop the server, replace {STORE_FILE} by recovered.sqlite and delete {STORE_FILE}-wal and "
-            f"{STORE_FILE}-shm: the graph is rebuilt from the recovered rows at the next start")
+            f"backup, or stop the server and run 'mimic-engine index repair --index {folder}': it keeps every "
+            f"document SQLite can still read (the damaged file is kept beside it), lists the ids of the documents "
+            f"it lost where it can, and the graph is rebuilt at the next start; or rebuild the index from your "
+            f"documents into a new folder ('mimic-engine index build')")
 
 
 def _is_surrogate(ch: str) -> bool:
@@ -352,6 +353,14 @@ class DocumentStore:
             con.execute("INSERT INTO tombstones VALUES (?, ?)", (row[0], seq))
             con.execute("UPDATE meta SET value=? WHERE key='seq'", (str(seq),))
         return row[0]
+
+    @_sqlite_errors
+    def restore_rows(self, docs: list[tuple], tombstones: list[tuple], meta: dict[str, str]) -> None:
+        """Fill an empty store with raw rows in table column order (`mimic-engine index repair`)."""
+        with self._txn() as con:
+            con.executemany("INSERT INTO docs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", docs)
+            con.executemany("INSERT INTO tombstones VALUES (?, ?)", tombstones)
+            con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(meta.items()))
 
     @_sqlite_errors
     def prune_tombstones(self, upto_seq: int) -> None:
