@@ -97,9 +97,14 @@ def decode_image(raw: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX_
 
     try:
         img = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
-    except Image.DecompressionBombError as exc:  # Pillow's own guard (far above max_pixels): say ours
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, normally far above max_pixels: say ours
         declared = re.search(r"\((\d+) pixels\)", str(exc))
-        size = f"{declared.group(1)} pixels" if declared else "more pixels than Pillow allows"
+        pixels = int(declared.group(1)) if declared else None
+        if pixels is not None and pixels <= max_pixels:  # max_pixels was set above Pillow's guard
+            raise ImageTooLargeError(f"{name}: image of {pixels} pixels exceeds the image decoder's own limit of "
+                                     f"{2 * Image.MAX_IMAGE_PIXELS} (Pillow's decompression-bomb guard), below the "
+                                     f"configured {max_pixels}; downscale it before sending", None, max_pixels) from exc
+        size = f"{pixels} pixels" if pixels is not None else "more pixels than the decoder allows"
         raise ImageTooLargeError(f"{name}: image of {size} exceeds the limit of {max_pixels}; downscale it before "
                                  "sending", None, max_pixels) from exc
     except Exception as exc:  # Pillow raises many types for bytes it cannot identify
