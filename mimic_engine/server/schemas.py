@@ -46,6 +46,8 @@ class ItemIn(RequestBody):
 
 
 class EmbedRequest(RequestBody):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"items": [{"text": "when did the bridge open"}], "role": "query"}]})
     items: list[ItemIn] = Field(json_schema_extra={"minItems": 1})
     role: Literal["query", "document"] = "document"
 
@@ -87,6 +89,8 @@ def non_finite_path(value, path: str) -> str | None:
 
 
 class UpsertRequest(RequestBody):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"documents": [{"id": "bridge", "text": "the bridge opened in 1890", "metadata": {"lang": "en"}}]}]})
     documents: list[DocumentIn] = Field(json_schema_extra={"minItems": 1})
 
 
@@ -96,6 +100,8 @@ class UpsertResponse(BaseModel):
 
 
 class SearchRequest(RequestBody):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"query": {"text": "when did the bridge open"}, "k": 5, "modality": "text"}]})
     query: ItemIn
     k: StrictInt = Field(10, json_schema_extra={"minimum": 1}, description="Results, 1 to max_k")
     modality: Literal["text", "image"] | None = None
