@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -170,6 +171,13 @@ def read_checkpoint(path: str) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors...
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if refused:  # torch's message goes on to advise weights_only=False: unsafe for a file of unknown origin
+            raise CheckpointError(
+                f"cannot read {path!r} as a mimic-engine checkpoint: it holds a Python object ({refused.group(1)}) "
+                "that the safe, weights-only load refuses. A mimic-engine checkpoint holds only tensors and plain "
+                "values, so this file is not one or was altered. Do not load it unsafely (weights_only=False runs the code inside "
+                "it); use a checkpoint written by mimic-engine (`mimic-engine train`)") from exc
         raise CheckpointError(
             f"cannot read {path!r} as a mimic-engine checkpoint: it is truncated, corrupt, or not a weights-only "
             f"torch file ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})"

@@ -9,6 +9,7 @@ import base64
 import binascii
 import io
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Sequence, Union
 
@@ -60,6 +61,8 @@ class Item:
 def decode_base64(data: str, name: str = "image") -> bytes:
     if data.startswith("data:"):
         data = data.split(",", 1)[-1]
+    # MIME base64 (the `base64` tool without -w0) wraps lines; whitespace is never part of the data
+    data = "".join(data.split())
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -90,12 +93,20 @@ def decode_image(raw: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX_
 
     Raises ImageTooLargeError (over `max_pixels`), ImageFormatError (not a readable image) or
     InputError (the header is fine but the pixel data is corrupt), each naming `name`."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     try:
         img = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"{name}: {exc}", None, max_pixels) from exc
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, normally far above max_pixels: say ours
+        declared = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = int(declared.group(1)) if declared else None
+        if pixels is not None and pixels <= max_pixels:  # max_pixels was set above Pillow's guard
+            raise ImageTooLargeError(f"{name}: image of {pixels} pixels exceeds the image decoder's own limit of "
+                                     f"{2 * Image.MAX_IMAGE_PIXELS} (Pillow's decompression-bomb guard), below the "
+                                     f"configured {max_pixels}; downscale it before sending", None, max_pixels) from exc
+        size = f"{pixels} pixels" if pixels is not None else "more pixels than the decoder allows"
+        raise ImageTooLargeError(f"{name}: image of {size} exceeds the limit of {max_pixels}; downscale it before "
+                                 "sending", None, max_pixels) from exc
     except Exception as exc:  # Pillow raises many types for bytes it cannot identify
         raise ImageFormatError(f"{name}: cannot decode as an image ({exc.__class__.__name__}: {exc})") from exc
     w, h = img.size
@@ -106,6 +117,10 @@ def decode_image(raw: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX_
         img.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(f"{name}: cannot decode as an image ({exc.__class__.__name__}: {exc})") from exc
+    try:
+        img = ImageOps.exif_transpose(img)  # a photo as it is shown, not as the camera stored it
+    except Exception:  # unreadable EXIF (Pillow raises many types): the pixels as stored are still the image
+        pass
     return img.convert("RGB") if img.mode != "RGB" else img
 
 

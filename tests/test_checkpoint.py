@@ -69,3 +69,19 @@ def test_tokenizer_files_of_a_checkpoint_must_be_plain_files(files):
 
     with pytest.raises(CheckpointError):
         tokenizer_from_files(files)
+
+
+class NotAWeight:
+    """An arbitrary class: unpickling it is what a weights-only load refuses."""
+
+
+def test_a_file_with_python_objects_is_refused_without_unsafe_advice(tmp_path):
+    from mimic_engine.checkpoint import read_checkpoint
+
+    path = str(tmp_path / "evil.pt")
+    torch.save({"format": "x", "hook": NotAWeight()}, path)
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(path)
+    message = str(info.value)
+    assert "tests.test_checkpoint.NotAWeight" in message and "Do not load it unsafely" in message
+    assert "will likely succeed" not in message and "trust the source" not in message

@@ -107,3 +107,44 @@ def test_decode_image_checks_the_header_before_decoding_pixels(monkeypatch):
     assert type(info.value.__cause__).__name__ == "UnidentifiedImageError"
     monkeypatch.undo()
     assert decode_image(make_image_bytes(0, (50, 20), "PNG", "L"), "doc").mode == "RGB"
+
+
+def test_exif_orientation_is_applied():
+    import io
+
+    from PIL import Image
+
+    from mimic_engine.preprocess import decode_image
+
+    img = Image.new("RGB", (40, 10), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 5, 10))  # a blue strip on the left of a landscape image
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif, quality=95)
+    shown = decode_image(buf.getvalue(), "photo")
+    assert shown.size == (10, 40)  # portrait, as a viewer shows it
+    assert shown.getpixel((5, 1))[2] > 200 and shown.getpixel((5, 38))[0] > 200  # the blue strip is on top
+
+
+def test_mime_wrapped_base64_with_whitespace_is_accepted():
+    raw = make_image_bytes(1)
+    wrapped = base64.encodebytes(raw).decode()  # 76-character lines, as `base64` prints without -w0
+    assert "\n" in wrapped.strip()
+    assert load_image("  " + wrapped + "\r\n").size == (40, 30)
+    assert load_image("data:image/png;base64,\n" + wrapped).size == (40, 30)
+
+
+def test_pillow_bomb_guard_reports_the_configured_limit():
+    import io
+
+    from PIL import Image
+
+    from mimic_engine.preprocess import ImageTooLargeError, decode_image
+
+    buf = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buf, format="PNG")  # 400M pixels: over Pillow's own 2 x 89.5M guard
+    with pytest.raises(ImageTooLargeError) as info:
+        decode_image(buf.getvalue(), "doc", max_pixels=1_000_000)
+    assert "400000000 pixels exceeds the limit of 1000000" in str(info.value), str(info.value)
+    assert "178956970" not in str(info.value)

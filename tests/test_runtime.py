@@ -107,7 +107,8 @@ def test_auto_preference_order(ckpt, tmp_path):
     # other JSON files in the folder are not consulted
     (export_dir / "meta.json").write_text(json.dumps({"checkpoint": ckpt}))
     assert find_checkpoint(str(export_dir), required=False) is None
-    write_manifest(str(export_dir), Manifest(source=checkpoint_source(ckpt, str(export_dir), "id", "sha"),
+    sha = file_sha256(ckpt)
+    write_manifest(str(export_dir), Manifest(source=checkpoint_source(ckpt, str(export_dir), "id", sha),
                                              fusion="decoder", opset=17, ranges={}))
     assert find_checkpoint(str(export_dir)) == ckpt
     # a run folder exported at `before/` and then moved whole to `after/`: found beside the export
@@ -115,9 +116,50 @@ def test_auto_preference_order(ckpt, tmp_path):
     (after / "model").mkdir(parents=True)
     (after / "exp").mkdir()
     shutil.copyfile(ckpt, after / "model" / "ckpt.pt")
-    source = checkpoint_source(str(before / "model" / "ckpt.pt"), str(before / "exp"), "id", "sha")
+    source = checkpoint_source(str(before / "model" / "ckpt.pt"), str(before / "exp"), "id", sha)
     write_manifest(str(after / "exp"), Manifest(source=source, fusion="decoder", opset=17, ranges={}))
     assert find_checkpoint(str(after / "exp")) == str(after / "model" / "ckpt.pt")
+
+
+def test_export_checkpoint_must_be_the_recorded_one(ckpt, tiny_encoders, tmp_path):
+    """The manifest's checkpoint path is followed only to the file the export was made from."""
+    from mimic_engine.checkpoint import load_checkpoint, update_checkpoint_meta
+
+    model_id = load_checkpoint(ckpt).model_id
+    other_enc = tiny_encoders("late")
+    other = save_checkpoint(str(tmp_path / "x.pt"), other_enc.model, other_enc.tokenizer, {"step": 1})
+    export_dir = tmp_path / "exp"
+    export_dir.mkdir()
+    source = {**checkpoint_source(ckpt, str(export_dir), model_id, file_sha256(ckpt)), "relative": "../x.pt"}
+    write_manifest(str(export_dir), Manifest(source=source, fusion="decoder", opset=17, ranges={}))
+    # ../x.pt is another model: refused, and the absolute path (the right file) is taken instead
+    assert find_checkpoint(str(export_dir)) == ckpt
+    source["checkpoint"] = other
+    write_manifest(str(export_dir), Manifest(source=source, fusion="decoder", opset=17, ranges={}))
+    with pytest.raises(CheckpointError, match="is not the one this export was made from"):
+        find_checkpoint(str(export_dir))
+    # the same model with updated meta (final metrics written after the export) is still the source
+    same = tmp_path / "same.pt"
+    shutil.copyfile(ckpt, same)
+    update_checkpoint_meta(str(same), {"final_metrics": {"dev": 1.0}})
+    assert file_sha256(str(same)) != file_sha256(ckpt)
+    source["checkpoint"] = str(same)
+    write_manifest(str(export_dir), Manifest(source=source, fusion="decoder", opset=17, ranges={}))
+    assert find_checkpoint(str(export_dir)) == str(same)
+
+
+def test_tensorrt_engine_paths_stay_in_the_export(tmp_path):
+    from mimic_engine.runtime.export_format import ExportError, read_manifest
+
+    for bad in ("../engine.plan", "/etc/passwd", "tensorrt/../../x.plan", "fusion.plan", 5):
+        manifest = Manifest(source={"checkpoint": None, "model_id": "id"}, fusion="decoder", opset=17, ranges={},
+                            tensorrt={"engines": {"fusion": bad}, "profiles": {}, "precision": "fp16"}, complete=True)
+        write_manifest(str(tmp_path), manifest)
+        with pytest.raises(ExportError, match="not a file name inside the export's tensorrt/ folder"):
+            read_manifest(str(tmp_path))
+    manifest.tensorrt["engines"]["fusion"] = "tensorrt/fusion.plan"
+    write_manifest(str(tmp_path), manifest)
+    assert read_manifest(str(tmp_path)).tensorrt["engines"] == {"fusion": "tensorrt/fusion.plan"}
 
 
 def test_torch_backend_does_not_import_optional_runtimes(ckpt):

@@ -145,7 +145,10 @@ def test_decode_base64_image_maps_each_failure_to_its_answer(monkeypatch):
                             "before sending")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow's own bomb guard refuses at 2x this
     error = raises_api_error(413, "image_too_large", routes.decode_base64_image, b64(PNG), "q", 10_000)
-    assert error.detail.startswith("q: Image size (1200 pixels) exceeds limit")
+    assert error.detail.startswith("q: image of 1200 pixels exceeds the image decoder's own limit of 200 "
+                                   "(Pillow's decompression-bomb guard), below the configured 10000")
+    error = raises_api_error(413, "image_too_large", routes.decode_base64_image, b64(PNG), "q", 1100)
+    assert error.detail.startswith("q: image of 1200 pixels exceeds the limit of 1100;")  # the configured one
 
 
 def test_to_item_checks_the_combination_before_decoding():

@@ -13,7 +13,8 @@ from .build import build_index, stored_document
 from .base import IndexClosedError, VectorIndex
 from .document_index import DocumentIndex, RWLock, describe
 from .selection import describe_index, open_index
-from .store import MODALITIES, DocumentStore, IndexMismatchError, StoredDocument
+from .store import MODALITIES, DocumentStore, IndexMismatchError, StorageFullError, StoreDamagedError, StoredDocument
 
 __all__ = ["DocumentIndex", "DocumentStore", "IndexClosedError", "IndexMismatchError", "MODALITIES", "RWLock",
-           "StoredDocument", "VectorIndex", "build_index", "describe", "describe_index", "open_index", "stored_document"]
+           "StorageFullError", "StoreDamagedError", "StoredDocument", "VectorIndex", "build_index", "describe",
+           "describe_index", "open_index", "stored_document"]

@@ -1,4 +1,5 @@
-"""`mimic-engine index build|info`: bulk ingestion of a dataset into an index (see build.py), and its stats.
+"""`mimic-engine index build|info|stats|repair`: bulk ingestion of a dataset into an index (see build.py), its
+stats, and the salvage of a damaged folder's document store (see repair.py).
 
 --index (or MIMIC_INDEX) is a folder or milvus:<uri>[#<collection>] (selection.py)."""
 from __future__ import annotations
@@ -76,3 +77,22 @@ def info_command(index_dir):
 
 index_group.add_command(info_command, "stats")  # the command's earlier name
 
+
+
+@index_group.command("repair")
+@click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Index folder.")
+def repair_command(index_dir):
+    """Salvage a damaged docs.sqlite: keep every document SQLite can still read, list lost ids (stop the server first)."""
+    from .repair import repair_store
+
+    report = repair_store(index_dir)
+    lost = report["documents_lost_known"]
+    click.echo(f"kept {report['documents_kept']} documents; the damaged file is now {report['damaged_copy']}")
+    if lost:
+        click.echo(f"lost {len(lost)} documents whose ids are known (upsert them again): {', '.join(lost[:50])}"
+                   + (" ..." if len(lost) > 50 else ""))
+    if report["rows_unusable"]:
+        click.echo(f"dropped {report['rows_unusable']} rows whose stored values no longer parse")
+    for warning in report["warnings"]:
+        click.echo(f"warning: {warning}")
+    click.echo("the graph is rebuilt from the kept documents when the index is next opened")

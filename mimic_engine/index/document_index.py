@@ -30,6 +30,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 
@@ -38,8 +39,9 @@ import numpy as np
 from ..errors import InputError, MimicError
 from .base import IndexClosedError, VectorIndex, check_ef, check_k, check_modality, model_mismatch
 from .base import unit_rows as _unit_rows
-from .hnsw import HnswGraph, file_crc32, fsync_dir
-from .store import MODALITIES, STORE_FILE, DocumentStore, IndexMismatchError, StoredDocument, validate_documents
+from .hnsw import TEMP_MARK, HnswGraph, file_crc32, fsync_dir
+from .store import (MODALITIES, STORE_FILE, DocumentStore, IndexMismatchError, StoreDamagedError, StoredDocument,
+                    damaged_store_message, validate_documents)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ PARAMS_FILE = "index.json"
 LOCK_FILE = "LOCK"
 INDEX_FORMAT = 1
 BACKEND = "folder"  # stats()["backend"]
+SNAPSHOT_NAME = re.compile(r"hnsw-\d{12}\.bin")  # the only file names index.json may point to
 DEFAULTS = {"M": 32, "ef_construction": 200, "ef": 128}
 GRAPH_STEP = 256  # documents added to the graph per exclusive-lock hold
 # A modality filter that keeps few documents makes the graph search visit many rejected nodes: with 384-d
@@ -55,6 +58,26 @@ GRAPH_STEP = 256  # documents added to the graph per exclusive-lock hold
 # filtered modality has at most FILTERED_EXACT_MAX documents and at most FILTERED_EXACT_SHARE of the index.
 FILTERED_EXACT_MAX = 1024
 FILTERED_EXACT_SHARE = 0.05
+
+
+def lock_folder(path: str):
+    """Hold the folder's LOCK (flock, released when the returned file closes); MimicError naming the holder."""
+    import fcntl
+
+    fh = open(os.path.join(path, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise MimicError(f"index folder {path} is open in another process (pid {holder}); stop it, or use "
+                         f"'mimic-engine index stats' (read-only), or another --index folder") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
 
 
 class RWLock:
@@ -109,12 +132,16 @@ class RWLock:
 
 
 def _write_json_atomic(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    tmp = f"{path}{TEMP_MARK}{os.getpid()}"
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the write failed (disk full): no half-written file stays behind
+            os.remove(tmp)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
@@ -162,6 +189,7 @@ class DocumentIndex(VectorIndex):
         os.makedirs(self.path, exist_ok=True)
         self._lock_fh = self._lock_folder()
         try:
+            self._remove_temp_files()
             self.store = DocumentStore(self.path, synchronous)
             self._check_or_init_meta(M, ef_construction)
             params = _read_json(os.path.join(self.path, PARAMS_FILE)) or {}
@@ -178,22 +206,14 @@ class DocumentIndex(VectorIndex):
 
     # ---- opening ------------------------------------------------------------------------------
     def _lock_folder(self):
-        import fcntl
+        return lock_folder(self.path)
 
-        fh = open(os.path.join(self.path, LOCK_FILE), "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "?"
-            fh.close()
-            raise MimicError(f"index folder {self.path} is open in another process (pid {holder}); stop it, or use "
-                             f"'mimic-engine index stats' (read-only), or another --index folder") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        return fh
+    def _remove_temp_files(self):
+        """Temp files of writers that were killed or failed (this process holds the folder now)."""
+        for name in os.listdir(self.path):
+            if TEMP_MARK in name and (name.startswith(PARAMS_FILE) or name.startswith("hnsw-")):
+                log.info("removing %s, left behind by an interrupted write", name)
+                os.remove(os.path.join(self.path, name))
 
     def _release_folder(self):
         if getattr(self, "store", None) is not None:
@@ -276,7 +296,7 @@ class DocumentIndex(VectorIndex):
                 log.warning("rebuilding the graph of %s from the store: %s", self.path, problem)
             report.update(rebuilt=True, reason=problem, replayed_upserts=0, replayed_deletes=0)
             self._rebuild(capacity)
-            self._save_snapshot()
+            self._try_snapshot("after the rebuild")
         report["seconds"] = round(time.perf_counter() - t0, 3)
         return report
 
@@ -288,6 +308,8 @@ class DocumentIndex(VectorIndex):
             return f"{PARAMS_FILE} has a malformed 'snapshot' entry"
         if params.get("model_id") != self.model_id or params.get("dim") != self.dim or params.get("M") != self.M:
             return f"{PARAMS_FILE} describes another model or parameters than the store"
+        if not isinstance(snap["file"], str) or not SNAPSHOT_NAME.fullmatch(snap["file"]):
+            return f"{PARAMS_FILE} names the snapshot file {snap['file']!r}, not a file name hnsw-<seq>.bin in the folder"
         if snap["seq"] > store_seq:
             return f"snapshot reflects seq {snap['seq']}, newer than the store's {store_seq} (store replaced?)"
         file = os.path.join(self.path, snap["file"])
@@ -334,10 +356,15 @@ class DocumentIndex(VectorIndex):
         """Write the graph (caller holds _write_mutex and the read lock, or is __init__)."""
         seq = self.store.seq
         name = f"hnsw-{seq:012d}.bin"
-        crc = self.graph.save(os.path.join(self.path, name))
-        snap = {"file": name, "seq": seq, "live": self._graph_live, "bytes": os.path.getsize(os.path.join(self.path, name)),
+        file = os.path.join(self.path, name)
+        crc = self.graph.save(file)
+        snap = {"file": name, "seq": seq, "live": self._graph_live, "bytes": os.path.getsize(file),
                 "crc32": crc, "capacity": self.graph.capacity, "saved": time.time()}
-        self._write_params(snap)  # from here on, the new snapshot is the one open() uses
+        try:
+            self._write_params(snap)  # from here on, the new snapshot is the one open() uses
+        except BaseException:
+            os.remove(file)  # index.json still names the previous snapshot, which stays
+            raise
         self._snapshot = snap
         for f in os.listdir(self.path):  # older snapshots and temp files of killed writers
             if f.startswith("hnsw-") and f != name:
@@ -361,11 +388,16 @@ class DocumentIndex(VectorIndex):
         cache, replayed from the store on the next open."""
         lag = self.store.seq - (self._snapshot["seq"] if self._snapshot else 0)
         if lag >= max(self.snapshot_every, self.count() // 4):
-            try:
-                self.flush()
-            except (OSError, MimicError) as exc:
-                log.warning("graph snapshot of %s failed (%s: %s); the acknowledged writes are in the store and "
-                            "the graph is repaired from it on the next open", self.path, exc.__class__.__name__, exc)
+            self._try_snapshot("after a write", self.flush)
+
+    def _try_snapshot(self, when: str, save=None) -> None:
+        """Snapshot (`save`, default `_save_snapshot`), logging a failure instead of raising it: the
+        previous snapshot stays valid and the store holds every acknowledged write."""
+        try:
+            (save or self._save_snapshot)()
+        except (OSError, MimicError) as exc:
+            log.warning("graph snapshot of %s %s failed (%s: %s); the acknowledged writes are in the store and "
+                        "the graph is replayed from it on the next open", self.path, when, exc.__class__.__name__, exc)
 
     # ---- writes -------------------------------------------------------------------------------
     def upsert(self, docs: list[StoredDocument], vectors: np.ndarray) -> int:
@@ -516,7 +548,7 @@ class DocumentIndex(VectorIndex):
         with self._write_mutex:
             if self._closed:
                 return
-            self._flush_locked()
+            self._try_snapshot("at close", self._flush_locked)  # e.g. a full disk must not keep the folder locked
             with self._lock.write():
                 self._closed = True
                 self._release_folder()
@@ -536,6 +568,8 @@ def describe(path: str) -> dict:
     try:
         meta = {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM meta")}
         by_mod = dict(con.execute("SELECT modality, COUNT(*) FROM docs GROUP BY modality").fetchall())
+    except sqlite3.DatabaseError as exc:
+        raise StoreDamagedError(damaged_store_message(store, str(exc))) from exc
     finally:
         con.close()
     params = _read_json(os.path.join(path, PARAMS_FILE)) or {}

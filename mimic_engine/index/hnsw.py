@@ -14,6 +14,7 @@ embeddings. hnswlib facts this wrapper is shaped around (hnswlib 0.8):
 from __future__ import annotations
 
 import os
+import struct
 import zlib
 
 import numpy as np
@@ -21,6 +22,38 @@ import numpy as np
 from ..errors import require
 
 EXACT_FALLBACK_MAX = 20_000  # live elements up to which a failed query is answered by exact search
+TEMP_MARK = ".tmp-"  # in the name of a file being written; such files are removed when the folder is opened
+# hnswlib 0.8's file: a 96-byte header, then element_count fixed-size level-0 records, then per
+# element a uint32 byte count and that many bytes of upper-level links (the file ends with the last)
+_HEADER = struct.Struct("<6QiI3QdQ")  # offsetLevel0, max_elements, element_count, size_data_per_element,
+#                                       label_offset, offsetData, maxlevel, enterpoint, maxM, maxM0, M, mult, ef_construction
+
+
+class SnapshotWriteError(OSError):
+    """A graph file came out incomplete (hnswlib's save_index does not report failed writes, e.g. a full disk)."""
+
+
+def saved_graph_problem(path: str, elements: int) -> str | None:
+    """Why the hnswlib file at `path` is not a complete save of a graph of `elements` slots, or None."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        header = fh.read(_HEADER.size)
+        if len(header) < _HEADER.size:
+            return f"{size} bytes, shorter than hnswlib's header"
+        fields = _HEADER.unpack(header)
+        count, record = fields[2], fields[3]
+        if count != elements:
+            return f"it records {count} elements, the graph has {elements}"
+        fh.seek(_HEADER.size + count * record)
+        links = fh.read()
+    pos = 0
+    for _ in range(count):
+        if pos + 4 > len(links):
+            return f"it ends inside the link lists ({size} bytes)"
+        pos += 4 + int.from_bytes(links[pos:pos + 4], "little")
+    if pos != len(links):
+        return f"{size} bytes where the graph needs {_HEADER.size + count * record + pos}"
+    return None
 
 
 def _hnswlib():
@@ -97,12 +130,18 @@ class HnswGraph:
         self.index.set_ef(ef)
 
     def save(self, path: str) -> int:
-        """Write the graph to `path` atomically (temp file, fsync, rename); -> its CRC32."""
-        tmp = f"{path}.tmp-{os.getpid()}"
+        """Write the graph to `path` atomically (temp file, fsync, check, rename); -> its CRC32.
+
+        SnapshotWriteError (nothing under `path` changed) when the file came out incomplete."""
+        tmp = f"{path}{TEMP_MARK}{os.getpid()}"
         try:
             self.index.save_index(tmp)
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
+            problem = saved_graph_problem(tmp, self.slots)
+            if problem is not None:
+                raise SnapshotWriteError(f"saving the graph to {path} failed ({problem}); is the disk full? The previous "
+                                         "snapshot is kept")
             crc = file_crc32(tmp)
             os.replace(tmp, path)
         finally:

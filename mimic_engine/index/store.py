@@ -24,13 +24,22 @@ index promises, but an OS crash or power cut may roll back the last commits.
 
 Threads: writes go through one connection and must be serialised by the caller (DocumentIndex
 holds its write lock); reads use one connection per thread, so readers run in parallel (WAL).
+
+Failures: a full disk raises StorageFullError (the write was rolled back: nothing of it is stored);
+a damaged file raises StoreDamagedError naming it and the way out, at open (where `PRAGMA
+quick_check` runs, bounded by QUICK_CHECK_SECONDS) or on the read that meets the damaged page.
+Text is stored only if it is valid Unicode (`unicode_problem`); metadata stored by older versions
+with lone surrogates in it is read back with U+FFFD in their place.
 """
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -42,10 +51,90 @@ STORE_FILE = "docs.sqlite"
 MODALITIES = ("text", "image")
 FORMAT_VERSION = 1
 _SQL_CHUNK = 500  # ids / labels per "IN (...)" query (SQLite's default limit is 32766 variables)
+QUICK_CHECK_SECONDS = 10.0  # at open; a larger store starts without the rest of the check (logged)
+
+log = logging.getLogger(__name__)
 
 
 class IndexMismatchError(MimicError):
     """An index folder was built by another model (or for another dimension or format)."""
+
+
+class StorageFullError(MimicError):
+    """The disk (or quota) holding the index is full: the write was refused and nothing of it was stored."""
+
+
+class StoreDamagedError(MimicError):
+    """docs.sqlite is damaged (a malformed page, a header that is not SQLite's)."""
+
+
+def damaged_store_message(path: str, detail: str) -> str:
+    folder = os.path.dirname(path)
+    return (f"the document store {path} is damaged ({detail}). Restore it (with its -wal file, if any) from a "
+            f"backup, or stop the server and run 'mimic-engine index repair --index {folder}': it keeps every "
+            f"document SQLite can still read (the damaged file is kept beside it), lists the ids of the documents "
+            f"it lost where it can, and the graph is rebuilt at the next start; or rebuild the index from your "
+            f"documents into a new folder ('mimic-engine index build')")
+
+
+def _is_surrogate(ch: str) -> bool:
+    return "\ud800" <= ch <= "\udfff"
+
+
+def _valid_unicode(text: str) -> bool:
+    return text.isascii() or not any(map(_is_surrogate, text))
+
+
+def unicode_problem(value, path: str) -> str | None:
+    """Why `value` (a str, or nested dicts / lists; dict keys included) cannot be stored, or None.
+
+    JSON may carry lone UTF-16 surrogates ("\\ud800"); Python decodes them into a str that UTF-8, SQLite
+    and every JSON response refuse, so such text must never reach the store. -> a message naming the
+    path of the first bad string (`path` names `value`), the position of the surrogate and the fix."""
+    if isinstance(value, str):
+        if _valid_unicode(value):
+            return None
+        at = next(i for i, ch in enumerate(value) if _is_surrogate(ch))
+        return (f"{path} holds a lone UTF-16 surrogate (\\u{ord(value[at]):04x} at character {at}), which is not a "
+                "Unicode character and cannot be encoded as UTF-8 or stored; send valid Unicode text (a character "
+                "beyond U+FFFF is written as a surrogate pair, high \\ud800-\\udbff then low \\udc00-\\udfff)")
+    if isinstance(value, dict):
+        for key, child in value.items():
+            if isinstance(key, str) and not _valid_unicode(key):
+                return unicode_problem(key, f"{path} key {key!r}")
+            problem = unicode_problem(child, f"{path}.{key}" if path else str(key))
+            if problem is not None:
+                return problem
+    elif isinstance(value, list):
+        for i, child in enumerate(value):
+            problem = unicode_problem(child, f"{path}[{i}]")
+            if problem is not None:
+                return problem
+    return None
+
+
+def replace_lone_surrogates(value):
+    """`value` (nested dicts / lists / str) with every lone surrogate replaced by U+FFFD."""
+    if isinstance(value, str):
+        return value if _valid_unicode(value) else "".join("\ufffd" if _is_surrogate(ch) else ch for ch in value)
+    if isinstance(value, dict):
+        return {replace_lone_surrogates(k): replace_lone_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [replace_lone_surrogates(v) for v in value]
+    return value
+
+
+def _load_metadata(raw: str, doc_id: str) -> dict:
+    """Stored metadata JSON -> dict. Versions before text was validated stored lone surrogates (JSON escapes
+    them as \\udXXX, as it does surrogate pairs, so only such rows take the slow path)."""
+    metadata = json.loads(raw)
+    if "\\ud" in raw or "\\uD" in raw:
+        fixed = replace_lone_surrogates(metadata)
+        if fixed != metadata:
+            log.warning("document %r: its stored metadata holds lone UTF-16 surrogates (stored by an older version); "
+                        "served with U+FFFD in their place; upsert the document again to store it so", doc_id)
+        return fixed
+    return metadata
 
 
 @dataclass
@@ -82,6 +171,27 @@ def validate_documents(docs: list[StoredDocument]) -> None:
             json.dumps(d.metadata)
         except (TypeError, ValueError) as exc:
             raise InputError(f"document {d.id!r}: metadata is not JSON-serialisable ({exc})") from None
+        for name in ("id", "text", "caption", "image_ref", "metadata"):
+            problem = unicode_problem(getattr(d, name), f"docs[{i}].{name}")
+            if problem is not None:
+                raise InputError(problem)
+
+
+def _sqlite_errors(method):
+    """Raise StorageFullError / StoreDamagedError for SQLite's disk-full / damaged-file errors in `method`."""
+    @functools.wraps(method)
+    def translating(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            translated = self._translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+        except json.JSONDecodeError as exc:  # stored metadata that is no longer JSON: a damaged page
+            log.error("the document store %s is damaged: stored metadata is unreadable (%s)", self.path, exc)
+            raise StoreDamagedError(damaged_store_message(self.path, f"stored metadata is unreadable: {exc}")) from exc
+    return translating
 
 
 def _chunks(seq: list, n: int = _SQL_CHUNK) -> Iterator[list]:
@@ -101,8 +211,18 @@ class DocumentStore:
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
+        self._w = None
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    @_sqlite_errors
+    def _open(self) -> None:
         self._w = self._connect()
         self._w.execute("PRAGMA journal_mode=WAL")
+        self._quick_check()
         with self._txn():
             self._w.execute("CREATE TABLE IF NOT EXISTS docs (id TEXT PRIMARY KEY, label INTEGER NOT NULL UNIQUE,"
                             " modality TEXT NOT NULL, text TEXT, caption TEXT, image_ref TEXT,"
@@ -111,6 +231,36 @@ class DocumentStore:
             self._w.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             self._w.execute("CREATE TABLE IF NOT EXISTS thumbnails (id TEXT PRIMARY KEY, image BLOB NOT NULL)")
             self._w.execute("INSERT OR IGNORE INTO meta VALUES ('seq', '0')")
+
+    def _quick_check(self) -> None:
+        """StoreDamagedError unless SQLite's structural check passes (a store too large to check within
+        QUICK_CHECK_SECONDS opens without the rest of the check, with a warning)."""
+        deadline = time.monotonic() + QUICK_CHECK_SECONDS
+        self._w.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+        try:
+            problems = [row[0] for row in self._w.execute("PRAGMA quick_check(3)")]
+        except sqlite3.OperationalError as exc:
+            if "interrupt" not in str(exc):
+                raise
+            log.warning("the check of %s did not finish within %.0f s; opening it unchecked", self.path,
+                        QUICK_CHECK_SECONDS)
+            return
+        finally:
+            self._w.set_progress_handler(None, 0)
+        if problems != ["ok"]:
+            raise StoreDamagedError(damaged_store_message(self.path, "SQLite's quick_check found: " + "; ".join(problems)))
+
+    def _translate(self, exc: sqlite3.DatabaseError) -> Exception:
+        """SQLite's error -> StorageFullError / StoreDamagedError (logged with the file), else `exc` itself."""
+        code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF  # the primary result code
+        if code == sqlite3.SQLITE_FULL or "disk is full" in str(exc):
+            return StorageFullError(f"the disk holding {self.path} is full (SQLite: {exc}); the write was not stored: "
+                                    "free disk space (or raise the quota) and send it again")
+        if (code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+                or any(sign in str(exc) for sign in ("malformed", "not a database", "Could not decode to UTF-8"))):
+            log.error("the document store %s is damaged: %s", self.path, exc)
+            return StoreDamagedError(damaged_store_message(self.path, str(exc)))
+        return exc
 
     def _connect(self) -> sqlite3.Connection:
         # autocommit mode (isolation_level=None): every SELECT sees the latest commit; writes use
@@ -138,24 +288,43 @@ class DocumentStore:
             return self.con
 
         def __exit__(self, exc_type, *_):
-            self.con.execute("ROLLBACK" if exc_type else "COMMIT")
+            if exc_type is None:
+                try:
+                    self.con.execute("COMMIT")
+                    return
+                except BaseException:  # e.g. disk full at commit: the transaction is still open
+                    self._rollback()
+                    raise
+            self._rollback()
+
+        def _rollback(self):
+            if not self.con.in_transaction:
+                return
+            try:
+                self.con.execute("ROLLBACK")
+            except sqlite3.Error as exc:  # the error that got us here is the one to report
+                log.error("rolling back a failed write failed too: %s", exc)
 
     def _txn(self) -> "_Txn":
         return self._Txn(self._w)
 
     # ---- meta ---------------------------------------------------------------------------------
+    @_sqlite_errors
     def meta(self) -> dict:
         return {k: json.loads(v) for k, v in self._r.execute("SELECT key, value FROM meta")}
 
+    @_sqlite_errors
     def set_meta(self, values: dict) -> None:
         with self._txn() as con:
             con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in values.items()])
 
     @property
+    @_sqlite_errors
     def seq(self) -> int:
         return int(self._r.execute("SELECT value FROM meta WHERE key='seq'").fetchone()[0])
 
     # ---- writes (caller serialises) -------------------------------------------------------------
+    @_sqlite_errors
     def write(self, docs: list[StoredDocument], vectors: np.ndarray) -> tuple[np.ndarray, list[int]]:
         """Insert or replace `docs` with `vectors` (N, dim) float32 in one transaction.
 
@@ -183,6 +352,7 @@ class DocumentStore:
             con.execute("UPDATE meta SET value=? WHERE key='seq'", (str(int(labels[-1])),))
         return labels, replaced
 
+    @_sqlite_errors
     def delete(self, doc_id: str) -> int | None:
         """Remove `doc_id`; -> the label it had, or None if it was not stored. Durable on return."""
         with self._txn() as con:
@@ -196,6 +366,15 @@ class DocumentStore:
             con.execute("UPDATE meta SET value=? WHERE key='seq'", (str(seq),))
         return row[0]
 
+    @_sqlite_errors
+    def restore_rows(self, docs: list[tuple], tombstones: list[tuple], meta: dict[str, str]) -> None:
+        """Fill an empty store with raw rows in table column order (`mimic-engine index repair`)."""
+        with self._txn() as con:
+            con.executemany("INSERT INTO docs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", docs)
+            con.executemany("INSERT INTO tombstones VALUES (?, ?)", tombstones)
+            con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(meta.items()))
+
+    @_sqlite_errors
     def prune_tombstones(self, upto_seq: int) -> None:
         """Forget tombstones a durable snapshot at `upto_seq` already reflects."""
         with self._txn() as con:
@@ -205,22 +384,26 @@ class DocumentStore:
     @staticmethod
     def _doc(row) -> StoredDocument:
         return StoredDocument(id=row[0], modality=row[1], text=row[2], caption=row[3], image_ref=row[4],
-                              metadata=json.loads(row[5]))
+                              metadata=_load_metadata(row[5], row[0]))
 
     _DOC_COLUMNS = "id, modality, text, caption, image_ref, metadata"
 
+    @_sqlite_errors
     def get(self, doc_id: str) -> StoredDocument | None:
         row = self._r.execute(f"SELECT {self._DOC_COLUMNS} FROM docs WHERE id=?", (doc_id,)).fetchone()
         return None if row is None else self._doc(row)
 
+    @_sqlite_errors
     def thumbnail(self, doc_id: str) -> bytes | None:
         row = self._r.execute("SELECT image FROM thumbnails WHERE id=?", (doc_id,)).fetchone()
         return None if row is None else bytes(row[0])
 
+    @_sqlite_errors
     def get_vector(self, doc_id: str) -> np.ndarray | None:
         row = self._r.execute("SELECT embedding FROM docs WHERE id=?", (doc_id,)).fetchone()
         return None if row is None else np.frombuffer(row[0], dtype="<f4").astype(np.float32)
 
+    @_sqlite_errors
     def by_labels(self, labels: Iterable[int]) -> dict[int, StoredDocument]:
         """{label: document} for the labels that are stored (a replaced or deleted label is absent)."""
         out = {}
@@ -229,6 +412,7 @@ class DocumentStore:
             out.update((row[0], self._doc(row[1:])) for row in self._r.execute(q, part))
         return out
 
+    @_sqlite_errors
     def existing_ids(self, ids: list[str]) -> set[str]:
         found = set()
         for part in _chunks(list(ids)):
@@ -236,13 +420,17 @@ class DocumentStore:
             found.update(r[0] for r in self._r.execute(q, part))
         return found
 
+    @_sqlite_errors
     def count(self, modality: str | None = None) -> int:
         if modality is None:
             return self._r.execute("SELECT COUNT(*) FROM docs").fetchone()[0]
         return self._r.execute("SELECT COUNT(*) FROM docs WHERE modality=?", (modality,)).fetchone()[0]
 
     def labels_and_modalities(self) -> Iterator[tuple[int, str]]:
-        return iter(self._r.execute("SELECT label, modality FROM docs"))
+        try:
+            yield from self._r.execute("SELECT label, modality FROM docs")
+        except sqlite3.DatabaseError as exc:
+            raise self._translate(exc) from exc
 
     def embeddings_after(self, label: int, chunk: int = 8192) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Rows with label > `label`, in label order, as (labels (n,) int64, vectors (n, dim) float32) chunks."""
@@ -253,9 +441,12 @@ class DocumentStore:
                 labels = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
                 vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), -1)
                 yield labels, vecs.astype(np.float32)
+        except sqlite3.DatabaseError as exc:
+            raise self._translate(exc) from exc
         finally:
             con.close()
 
+    @_sqlite_errors
     def tombstones_after(self, seq: int) -> list[tuple[int, int]]:
         """(label, seq) of versions removed after `seq`."""
         return self._r.execute("SELECT label, seq FROM tombstones WHERE seq > ? ORDER BY seq", (seq,)).fetchall()
@@ -265,4 +456,5 @@ class DocumentStore:
             for con in self._readers:
                 con.close()
             self._readers.clear()
-        self._w.close()
+        if self._w is not None:
+            self._w.close()

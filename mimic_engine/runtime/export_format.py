@@ -180,6 +180,13 @@ def read_manifest(export_dir: str, require_complete: bool = True) -> Manifest:
             if not isinstance(file, str) or os.path.basename(file) != file or file in ("", ".", ".."):
                 raise ExportError(f"{path}: variant {variant!r} stage {stage!r} names {file!r}, not a file name inside "
                                   "the export folder; the manifest is corrupt or not written by mimic-engine: re-export")
+    engines = (manifest.tensorrt or {}).get("engines") if isinstance(manifest.tensorrt, dict) else None
+    for stage, file in (engines.items() if isinstance(engines, dict) else []):
+        # engines live in the export's tensorrt/ folder: "tensorrt/<file name>", nothing else
+        if (not isinstance(file, str) or os.path.dirname(file) != TENSORRT_DIR
+                or os.path.basename(file) in ("", ".", "..")):
+            raise ExportError(f"{path}: TensorRT stage {stage!r} names {file!r}, not a file name inside the export's "
+                              f"{TENSORRT_DIR}/ folder; the manifest is corrupt or not written by mimic-engine: re-export")
     if require_complete and not manifest.complete:
         raise ExportError(f"{export_dir!r} holds an INCOMPLETE export ({manifest.failure or 'reason not recorded'}); "
                           "fix the cause and re-run `mimic-engine export`")
@@ -188,14 +195,38 @@ def read_manifest(export_dir: str, require_complete: bool = True) -> Manifest:
 
 def source_checkpoint(export_dir: str) -> str | None:
     """The ckpt.pt an export came from, if it is still there: first beside the export as it was at
-    export time (`relative`, so a run folder can be moved whole), then at its absolute path."""
+    export time (`relative`, so a run folder can be moved whole), then at its absolute path.
+
+    A file found there is the export's only if its sha256 is the recorded one, or (its meta updated
+    since, e.g. final metrics) it holds the recorded model; otherwise ExportError says so."""
     source = read_manifest(export_dir, require_complete=False).source
     candidates = []
     if source.get("relative"):
         candidates.append(os.path.normpath(os.path.join(export_dir, source["relative"])))
     if source.get("checkpoint"):
         candidates.append(source["checkpoint"])
-    return next((p for p in candidates if os.path.isfile(p)), None)
+    found = [p for p in candidates if os.path.isfile(p)]
+    for path in found:
+        if _is_source_checkpoint(path, source):
+            return path
+    if found:
+        raise ExportError(f"{found[0]!r}, the checkpoint the manifest of {export_dir!r} names, is not the one this "
+                          f"export was made from (its sha256 and model id differ from the recorded "
+                          f"{str(source.get('file_sha256'))[:12]} / {str(source.get('model_id'))[:12]}); pass the right "
+                          "ckpt.pt itself, or re-export")
+    return None
+
+
+def _is_source_checkpoint(path: str, source: dict) -> bool:
+    from ..checkpoint import file_sha256, payload_model_id, read_checkpoint
+    from ..errors import CheckpointError
+
+    if source.get("file_sha256") and file_sha256(path) == source["file_sha256"]:
+        return True
+    try:
+        return payload_model_id(read_checkpoint(path), path) == source["model_id"]
+    except CheckpointError:
+        return False
 
 
 def graph_model_id(metadata: dict) -> str | None:

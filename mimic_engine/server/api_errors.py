@@ -7,8 +7,11 @@ clients expect OpenAI's shape:
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "input", "code": "invalid_image"}}
 
-Routes raise `ApiError`; library errors (InputError, a full queue, a closed index, ...) and
-FastAPI's own (validation, 404, 405) are mapped here. `add_error_handlers(app)` installs them.
+Routes raise `ApiError`; library errors (InputError, a full queue, a closed index, a full disk,
+a damaged store, ...) and FastAPI's own (validation, 404, 405) are mapped here.
+`add_error_handlers(app)` installs them; `CatchUnhandled` answers everything else with 500 without
+letting the exception escape the app (it would make the server drop a keep-alive connection).
+`ERROR_RESPONSES` documents the shape for the OpenAPI document.
 """
 from __future__ import annotations
 
@@ -20,8 +23,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from starlette.routing import Match
+
 from ..errors import InputError, MimicError
 from ..index.base import IndexClosedError
+from ..index.store import StorageFullError, StoreDamagedError, replace_lone_surrogates
 from ..runtime.batcher import EncodeTimeoutError, EncoderClosedError, QueueFullError
 
 log = logging.getLogger("mimic_engine.server")
@@ -69,12 +75,34 @@ def error_response(status: int, code: str, message: str, details: Any = None, he
     body = {"code": code, "message": message}
     if details is not None:
         body["details"] = details
-    return JSONResponse({"error": body}, status_code=status, headers=headers)
+    # an error about bad text may quote it: never let a lone surrogate make the error itself unencodable
+    return JSONResponse(replace_lone_surrogates({"error": body}), status_code=status, headers=headers)
 
 
 STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                 405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type",
-                422: "invalid_request", 429: "too_many_requests", 503: "unavailable"}
+                422: "invalid_request", 429: "too_many_requests", 503: "unavailable", 507: "insufficient_storage"}
+
+ERROR_MEANINGS = {
+    400: "The body is not valid JSON (invalid_json), or a request the server cannot use (bad_request)",
+    401: "The route needs the API key (unauthorized)",
+    404: "No such document or route (not_found)",
+    405: "The route does not take this method (method_not_allowed); the Allow header lists the ones it takes",
+    413: "Over a limit: body, items per request, text, image pixels or metadata size",
+    422: "A field is invalid: the code names what (invalid_request, invalid_text, invalid_image, invalid_k, ...)",
+    500: "The server failed on this request (internal_error, store_damaged); it is logged",
+    503: "Overloaded, timed out, starting or shutting down (overloaded, unavailable, not_ready); retry after "
+         "Retry-After seconds",
+    507: "The disk holding the index is full (insufficient_storage); nothing of the write was stored",
+}
+
+
+def error_responses(*statuses: int) -> dict:
+    """The `responses=` entry of a route that can answer `statuses` (and 500), for the OpenAPI document."""
+    from .schemas import ErrorResponse
+
+    return {status: {"model": ErrorResponse, "description": ERROR_MEANINGS[status]}
+            for status in sorted({*statuses, 500})}
 
 
 async def http_error(request: Request, exc: StarletteHTTPException):
@@ -83,9 +111,24 @@ async def http_error(request: Request, exc: StarletteHTTPException):
                               exc.param)
     code = STATUS_CODES.get(exc.status_code, "http_error")
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    headers = getattr(exc, "headers", None)
     if exc.status_code == 404 and message == "Not Found":
         message = f"no route {request.method} {request.url.path}; see /docs for the API"
-    return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None), path=request.url.path)
+    if exc.status_code == 405:  # Starlette's Allow names only the first route of the path
+        allowed = allowed_methods(request)
+        headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+        message = f"{request.method} is not a method of {request.url.path}; it takes {', '.join(allowed)}"
+    return error_response(exc.status_code, code, message, headers=headers, path=request.url.path)
+
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app takes at this request's path (asked of the routes themselves,
+    so routers included into the app are searched too)."""
+    return [method for method in HTTP_METHODS
+            if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in request.app.router.routes)]
 
 
 async def validation_error(request: Request, exc: RequestValidationError):
@@ -99,6 +142,9 @@ async def validation_error(request: Request, exc: RequestValidationError):
         return error_response(400, "invalid_json", f"the request body is not valid JSON: {why} at character {at}",
                               errors, path=request.url.path)
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+    if first.get("type") == "invalid_text":  # the message names the field itself
+        return error_response(422, "invalid_text", first["msg"], errors, path=request.url.path,
+                              param=".".join(p for p in first["loc"] if p != "body") or None)
     where = ".".join(p for p in first["loc"] if p != "body") or "body"
     return error_response(422, "invalid_request", f"{where}: {first['msg']}", errors, path=request.url.path,
                           param=where)
@@ -112,15 +158,52 @@ async def queue_full(request: Request, exc: QueueFullError):
 async def mimic_error(request: Request, exc: MimicError):
     if isinstance(exc, (EncodeTimeoutError, EncoderClosedError, IndexClosedError)):
         return error_response(503, "unavailable", str(exc), headers={"Retry-After": "1"}, path=request.url.path)
+    if isinstance(exc, StorageFullError):
+        log.error("%s %s: %s", request.method, request.url.path, exc)
+        return error_response(507, "insufficient_storage", "the disk holding the index is full: this write was not "
+                              "stored (earlier acknowledged writes are safe, and searches go on); retry once the "
+                              "operator has freed disk space", path=request.url.path)
+    if isinstance(exc, StoreDamagedError):  # logged with the file by the store; the client gets no server paths
+        return error_response(500, "store_damaged", "the index store is damaged where this request reads it; the "
+                              "operator has been told in the server log (restore from a backup or rebuild)",
+                              path=request.url.path)
     if isinstance(exc, InputError):
         return error_response(422, "invalid_input", str(exc), path=request.url.path)
     return error_response(400, "bad_request", str(exc), path=request.url.path)
 
 
-async def internal_error(request: Request, exc: Exception):
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+def internal_error(scope, exc: Exception):
+    log.error("unhandled error on %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
     return error_response(500, "internal_error", f"the server failed on this request ({exc.__class__.__name__}); "
-                          "it has been logged", path=request.url.path)
+                          "it has been logged", path=scope.get("path", ""))
+
+
+class CatchUnhandled:
+    """ASGI middleware, inside the app's own error middleware: an unhandled exception becomes a 500
+    in the error schema and goes no further. (Starlette's handler for Exception re-raises after
+    answering, so the server logs it again and drops the keep-alive connection.)"""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = [False]
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                started[0] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            if started[0]:  # the response is under way: the server ends that connection; log it once
+                log.error("error after the response to %s %s began", scope.get("method"), scope.get("path"),
+                          exc_info=exc)
+                return
+            await internal_error(scope, exc)(scope, receive, send)
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -129,4 +212,4 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(QueueFullError, queue_full)
     app.add_exception_handler(MimicError, mimic_error)
-    app.add_exception_handler(Exception, internal_error)
+    app.add_middleware(CatchUnhandled)

@@ -67,6 +67,8 @@ def setting_option(name: str, help: str, **kw):
 @click.option("--thumbnails/--no-thumbnails", "thumbnails", default=True, envvar="MIMIC_THUMBNAILS", show_envvar=True,
               show_default=True, help="Store a small preview (WebP, <= 256 px) of each uploaded image document, "
               "shown by the search page at /.")
+@setting_option("max_metadata_bytes", "Largest metadata of one document, as UTF-8 JSON (returned with every hit).",
+                type=click.IntRange(min=1))
 @setting_option("hnsw_m", "HNSW links per node, for a new index.", type=click.IntRange(min=2),
                 show_default=str(HNSW_DEFAULTS["M"]))
 @setting_option("hnsw_ef_construction", "HNSW build breadth, for a new index.", type=click.IntRange(min=1),

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Mapping
 
 import orjson
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 
 from ..errors import InputError
 from ..index.base import VectorIndex
@@ -25,10 +26,10 @@ from ..index.thumbnails import make_thumbnail, media_type
 from ..preprocess import ImageFormatError, ImageTooLargeError, Item, decode_base64, decode_image
 from ..runtime.base import Backend
 from ..runtime.batcher import DirectEncoder, DynamicBatcher, EncodeResult
-from .api_errors import ApiError
+from .api_errors import ApiError, error_responses
 from .metrics import ServerMetrics
-from .schemas import (DocumentIn, DocumentOut, EmbedRequest, EmbedResponse, ItemIn, SearchHit, SearchRequest,
-                      SearchResponse, UpsertRequest, UpsertResponse, document_out)
+from .schemas import (DeleteResponse, DocumentIn, DocumentOut, EmbedRequest, EmbedResponse, ItemIn, SearchHit,
+                      SearchRequest, SearchResponse, UpsertRequest, UpsertResponse, document_out)
 from .settings import ServerSettings
 
 
@@ -91,7 +92,7 @@ def decode_base64_image(data: str, name: str, max_pixels: int):
     try:
         return decode_image(raw, name, max_pixels), raw
     except ImageTooLargeError as exc:
-        if exc.size is None:  # Pillow's own guard refused the header; its message says why
+        if exc.size is None:  # Pillow's own guard refused the header; the message names max_pixels
             raise ApiError(413, "image_too_large", str(exc)) from None
         w, h = exc.size
         raise ApiError(413, "image_too_large", f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of "
@@ -137,6 +138,16 @@ def check_document_ids(documents: list[DocumentIn], max_id_chars: int) -> None:
         seen.add(d.id)
 
 
+def check_metadata_sizes(documents: list[DocumentIn], max_bytes: int) -> None:
+    """Metadata is returned with every search hit: each document's, as UTF-8 JSON, at most `max_bytes`."""
+    for i, d in enumerate(documents):
+        size = len(json.dumps(d.metadata, ensure_ascii=False).encode("utf-8"))
+        if size > max_bytes:
+            raise ApiError(413, "metadata_too_large", f"documents[{i}] ({d.id}): its metadata has {size} bytes as JSON; "
+                           f"the limit is {max_bytes} (max_metadata_bytes): keep large data elsewhere and store a "
+                           "reference to it")
+
+
 def to_stored_document(d: DocumentIn, item: Item, raw: bytes | None, thumbnail: bool = True) -> StoredDocument:
     """What the index keeps of an uploaded document: an inline image is referred to by its sha256, and
     (with `thumbnail`) kept as a small preview of its first image."""
@@ -174,7 +185,7 @@ def embed_json(vectors, truncated: list, dim: int, model_id: str) -> bytes:
 router = APIRouter()
 
 
-@router.post("/v1/embed", response_model=EmbedResponse, tags=["encode"])
+@router.post("/v1/embed", response_model=EmbedResponse, tags=["encode"], responses=error_responses(400, 413, 422, 503))
 def embed(body: EmbedRequest, state: ServerState = Depends(server_state)):
     """Embed items (text, image or image+text) into the shared space; `role` = query or document.
     The `Server-Timing` header gives the request's preprocess, queue, model and respond times (ms)."""
@@ -189,11 +200,12 @@ def embed(body: EmbedRequest, state: ServerState = Depends(server_state)):
 
 
 @router.post("/v1/documents", response_model=UpsertResponse, tags=["documents"],
-             dependencies=[Depends(require_api_key)])
+             dependencies=[Depends(require_api_key)], responses=error_responses(400, 401, 413, 422, 503, 507))
 def upsert(body: UpsertRequest, response: Response, state: ServerState = Depends(server_state)):
     """Insert or replace documents. Answered only once the index has made them durable."""
     check_count(len(body.documents), "documents", state.settings.max_items)
     check_document_ids(body.documents, state.settings.max_id_chars)
+    check_metadata_sizes(body.documents, state.settings.max_metadata_bytes)
     converted = [to_item(d, f"documents[{i}] ({d.id})", state.settings, state.max_images)
                  for i, d in enumerate(body.documents)]
     result = encode(state, [item for item, _ in converted], "document")
@@ -232,7 +244,8 @@ def get_thumbnail(doc_id: str, request: Request, state: ServerState = Depends(se
     return Response(data, media_type=media_type(data), headers=headers)
 
 
-@router.get("/v1/documents/{doc_id:path}", response_model=DocumentOut, tags=["documents"])
+@router.get("/v1/documents/{doc_id:path}", response_model=DocumentOut, tags=["documents"],
+            responses=error_responses(404, 405, 503))
 def get_document(doc_id: str, state: ServerState = Depends(server_state)):
     doc = state.index.get(doc_id)
     if doc is None:
@@ -240,7 +253,8 @@ def get_document(doc_id: str, state: ServerState = Depends(server_state)):
     return document_out(doc)
 
 
-@router.delete("/v1/documents/{doc_id:path}", tags=["documents"], dependencies=[Depends(require_api_key)])
+@router.delete("/v1/documents/{doc_id:path}", response_model=DeleteResponse, tags=["documents"],
+               dependencies=[Depends(require_api_key)], responses=error_responses(401, 404, 405, 503, 507))
 def delete_document(doc_id: str, state: ServerState = Depends(server_state)):
     if not state.index.delete(doc_id):
         raise ApiError(404, "not_found", f"no document with id {doc_id!r}")
@@ -250,7 +264,7 @@ def delete_document(doc_id: str, state: ServerState = Depends(server_state)):
 def run_search(state: ServerState, body: SearchRequest, response: Response | None = None) -> SearchResponse:
     """The search behind POST /v1/search and the search page (`response`: where the stage timings go)."""
     max_k = state.settings.max_k
-    if isinstance(body.k, bool) or not 1 <= body.k <= max_k:
+    if not 1 <= body.k <= max_k:
         raise ApiError(422, "invalid_k", f"k={body.k!r}; expected an integer from 1 to {max_k} (max_k)")
     item, _ = to_item(body.query, "query", state.settings, state.max_images)
     result = encode(state, [item], "query")
@@ -261,7 +275,7 @@ def run_search(state: ServerState, body: SearchRequest, response: Response | Non
                           truncated=result.truncated[0])
 
 
-@router.post("/v1/search", response_model=SearchResponse, tags=["search"])
+@router.post("/v1/search", response_model=SearchResponse, tags=["search"], responses=error_responses(400, 413, 422, 503))
 def search(body: SearchRequest, response: Response, state: ServerState = Depends(server_state)):
     """Top-k documents for a text, image or image+text query, optionally of one modality."""
     return run_search(state, body, response)
@@ -273,7 +287,7 @@ def healthz():
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["operations"])
+@router.get("/readyz", tags=["operations"], responses=error_responses(503))
 def readyz(state: ServerState = Depends(server_state)):
     """Ready to answer: the batcher runs and the index answers."""
     if not getattr(state.encoder, "alive", True):
@@ -286,13 +300,15 @@ def readyz(state: ServerState = Depends(server_state)):
             "documents": documents}
 
 
-@router.get("/metrics", tags=["operations"])
+@router.get("/metrics", tags=["operations"], response_class=PlainTextResponse,
+            responses={200: {"description": "Prometheus text format",
+                             "content": {"text/plain": {"schema": {"type": "string"}}}}})
 def prometheus_metrics(state: ServerState = Depends(server_state)):
     body, content_type = state.metrics.render()
-    return Response(body, media_type=content_type)
+    return PlainTextResponse(body, media_type=content_type)
 
 
-@router.get("/v1/info", tags=["operations"])
+@router.get("/v1/info", tags=["operations"], responses=error_responses(503))
 def info(state: ServerState = Depends(server_state)):
     """Backend, model, index statistics and the server's limits."""
     return {"backend": state.backend.capabilities(), "index": state.index.stats(), "batching": state.encoder.batching,

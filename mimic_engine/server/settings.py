@@ -36,6 +36,7 @@ class ServerSettings:
     max_text_chars: int = 20_000  # characters per text; tokens beyond the model's max_length are truncated and reported
     max_k: int = 1000
     max_id_chars: int = 512
+    max_metadata_bytes: int = 16_384  # per document, as UTF-8 JSON; metadata comes back with every search hit
 
     # documents
     thumbnails: bool = True  # image documents keep a small preview (index/thumbnails.py) for the search page
@@ -47,7 +48,7 @@ class ServerSettings:
 
     def validate(self) -> "ServerSettings":
         positive = ("port", "max_batch", "max_batch_tokens", "max_queue", "max_body_bytes", "max_items",
-                    "max_image_pixels", "max_text_chars", "max_k", "max_id_chars", "threads", "hnsw_m",
+                    "max_image_pixels", "max_text_chars", "max_k", "max_id_chars", "max_metadata_bytes", "threads", "hnsw_m",
                     "hnsw_ef_construction", "hnsw_ef")
         for name in positive:
             value = getattr(self, name)
