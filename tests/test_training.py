@@ -257,6 +257,13 @@ def test_compare_and_mine_commands_on_a_tiny_model(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "steps=2 (now 3)" in result.output
     assert json.loads((out / "compare.json").read_text())["variants"][0]["runs"][0]["steps"] == 3
+    # --report-only trains nothing: seed 0 (now a 3-step run) and seed 5 (never run) are left out
+    result = CliRunner().invoke(cli, ["compare", "--preset", "tiny", "--data", "jsonl", "--variants", "late",
+                                      "--seeds", "0,1,2,5", "--steps", "2", "--device", "cpu", "--out", str(out),
+                                      "--report-only"])
+    assert result.exit_code == 0, result.output
+    assert "training (" not in result.output and "left out" in result.output
+    assert [r["seed"] for r in json.loads((out / "compare.json").read_text())["variants"][0]["runs"]] == [1, 2]
 
     mined = tmp_path / "mined.json"
     result = CliRunner().invoke(cli, ["mine", "--model", str(out / "tiny" / "late" / "seed-0" / "ckpt.pt"), "--data", "jsonl",

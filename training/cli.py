@@ -173,8 +173,11 @@ def train_command(ctx, **_):
               help="Output folder: OUT/compare.md, OUT/compare.json, OUT/compare.png, OUT/<preset>/<variant>/seed-<s>/.")
 @click.option("--reuse/--no-reuse", default=True, show_default=True,
               help="Read back a run already finished in OUT with the same options instead of training it again.")
+@click.option("--report-only", is_flag=True,
+              help="Train nothing: write the tables from the runs already finished in OUT (missing ones left out).")
 @click.pass_context
-def compare_command(ctx, presets, data_kind, data_dir, device, steps, minutes, seeds, variants, ablations, out, reuse):
+def compare_command(ctx, presets, data_kind, data_dir, device, steps, minutes, seeds, variants, ablations, out, reuse,
+                    report_only):
     """MiMIC against the MARVEL-style (early) and UniVL-DR-style (late) baselines: same data and
     budget, each variant once per seed and preset (e.g. `--preset small,small-effnet` for both image
     towers); test metrics per query kind at caption-keep 1.0 / 0.5 / 0.0 and the diagnostics as
@@ -186,7 +189,7 @@ def compare_command(ctx, presets, data_kind, data_dir, device, steps, minutes, s
         steps = None  # an equal-time comparison: the clock alone ends every run
     base = dataclasses.replace(DEFAULTS, preset=presets[0], data=data_kind, data_dir=data_dir, device=device)
     doc = run_comparison(base, chosen, seeds, out, steps=steps, minutes=minutes, presets=presets, reuse=reuse,
-                         echo=click.echo)
+                         train=not report_only, echo=click.echo)
     click.echo("\n" + render_markdown(doc))
     return doc
 

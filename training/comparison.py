@@ -132,11 +132,12 @@ def tower_label(resolved) -> str:
 
 def run_comparison(base: TrainOptions, variants: list[Variant], seeds, out: str, steps: int | None = None,
                    minutes: float | None = None, presets: tuple[str, ...] | None = None, reuse: bool = True,
-                   echo: Callable[[str], None] = print) -> dict:
+                   train: bool = True, echo: Callable[[str], None] = print) -> dict:
     """Train and evaluate every variant once per seed and preset -> the compare.json document (also
     written to OUT). Runs go to OUT/<preset>/<variant>/seed-<s>/; with `reuse`, a run already
     finished there with the same options is read back instead of trained again (so an interrupted
-    comparison resumes, and more seeds or variants add to one table)."""
+    comparison resumes, and more seeds or variants add to one table). With `train=False` nothing is
+    trained: the tables hold the finished runs only (a variant with none is left out)."""
     from .options import resolve_options
     from .run import run_training
 
@@ -152,7 +153,9 @@ def run_comparison(base: TrainOptions, variants: list[Variant], seeds, out: str,
                                    os.path.join(out, name), steps, minutes)
                 record, why = finished_run(opts) if reuse else (None, "--no-reuse")
                 echo(f"\n=== {name} / {variant.name}, seed {seed} -> {opts.out}: "
-                     + ("reusing the finished run" if record else f"training ({why})"))
+                     + ("reusing the finished run" if record else f"{'training' if train else 'left out'} ({why})"))
+                if record is None and not train:
+                    continue
                 if record is None:
                     outcome = run_training(opts, echo=echo)
                     record = {"seed": seed, "out": opts.out, "checkpoint": outcome.checkpoint, "steps": outcome.steps,
@@ -160,6 +163,8 @@ def run_comparison(base: TrainOptions, variants: list[Variant], seeds, out: str,
                               "stop_reason": outcome.stop_reason, "options": outcome.run.options.to_dict(),
                               "reused": False, "report": outcome.report}
                 runs.append(record)
+            if not runs:
+                continue
             resolved = resolve_options(opts)
             doc["variants"].append({"key": variant.key, "name": variant.name, "preset": name,
                                     "tower": tower_label(resolved), "fusion": variant.fusion,
