@@ -204,6 +204,27 @@ def graph_model_id(metadata: dict) -> str | None:
     return metadata.get(METADATA_PREFIX + "model_id") or metadata.get(METADATA_PREFIX + "checkpoint_sha256")
 
 
+def variant_graphs(export_dir: str, manifest: Manifest, variant: str) -> dict:
+    """{stage: graph file} of `variant`; an error naming the variants there are (and why this one is not)."""
+    if variant not in manifest.variants:
+        why = [s["reason"] for s in manifest.skipped if s.get("step") == variant]
+        raise ExportError(f"{export_dir!r} has no {variant!r} graphs (it has {sorted(manifest.variants)})"
+                          + (f": {why[0]}" if why else "") + "; re-export with that precision or pick another variant")
+    return manifest.variants[variant]
+
+
+def check_graph_model_id(found: str | None, manifest: Manifest, file: str, export_dir: str) -> None:
+    """Refuse a graph whose metadata names another model than the manifest (`graph_model_id` -> `found`)."""
+    if found != manifest.model_id:
+        raise ExportError(f"{file} in {export_dir!r} was exported from model {str(found)[:12]}, but the "
+                          f"manifest says {manifest.model_id[:12]}: the folder mixes two exports; re-export")
+
+
+def embed_dim(config) -> int:
+    """Width of the exported embeddings: the fusion head's, or the text tower's hidden size without a head."""
+    return config.fusion.embed_dim or (config.text.hf_config.get("hidden_size") or config.text.hf_config["d_model"])
+
+
 def load_export_config(export_dir: str):
     """MimicConfig and tokenizer stored in an export directory (no checkpoint needed)."""
     from transformers import AutoTokenizer
