@@ -43,7 +43,7 @@ def load_backend(name: str, model: str, device: str = "cpu", threads: int | None
 
     `device` is "cpu", "cuda", "cuda:N" or "auto" (CUDA when torch sees a GPU). `threads` sets the
     CPU threads per operator (torch.set_num_threads for the PyTorch backends, which is process-wide;
-    ONNX Runtime's intra-op threads); None keeps the libraries' defaults. Extra keyword arguments
+    ONNX Runtime's intra-op threads, OpenVINO's inference threads); None keeps the libraries' defaults. Extra keyword arguments
     go to the backend's constructor (e.g. `providers=` for ONNX Runtime). "auto" tries the fastest
     candidates for this model and hardware in order and logs why it chose one.
     """

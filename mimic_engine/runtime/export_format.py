@@ -46,8 +46,9 @@ STAGES = ("vision", "fusion")
 VARIANTS = ("fp32", "optimized", "int8", "fp16")
 METADATA_PREFIX = "mimic_engine."  # keys of the graphs' metadata_props
 SIDECAR_FORMAT = "mimic-engine-tensorrt-sidecar"
-TENSORRT_INSTALL = ("TensorRT 10 for your CUDA version, e.g. `pip install tensorrt-cu12` (from NVIDIA's package "
-                    "index; the PyPI package only fetches it from there)")
+TENSORRT_INSTALL = ("TensorRT 10 or 11 for your CUDA version: `pip install tensorrt-cu12` (CUDA 12) or "
+                    "`pip install tensorrt-cu13` (CUDA 13); these PyPI packages fetch the libraries from NVIDIA's "
+                    "package index, which must be reachable")
 # TensorRT DataType names -> numpy/torch dtype names (engine I/O as the sidecar records it)
 TRT_TO_NAME = {"FLOAT": "float32", "HALF": "float16", "INT64": "int64", "INT32": "int32", "BOOL": "bool",
                "INT8": "int8", "BF16": "bfloat16"}

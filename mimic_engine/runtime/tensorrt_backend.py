@@ -1,8 +1,9 @@
 """TensorRT backend: the engines of an export directory (`tensorrt/vision.plan`, `tensorrt/fusion.plan`).
 
-TensorRT 10 name-based I/O: for each call the tightest optimisation profile is selected for the
-input shapes, inputs are bound with set_input_shape / set_tensor_address, outputs are allocated
-from the shapes the context reports, and execute_async_v3 runs on a torch CUDA stream. All device
+TensorRT 10 and 11 (the same name-based API in both): for each call the tightest optimisation
+profile is selected for the input shapes, inputs are bound with set_input_shape /
+set_tensor_address, outputs are allocated from the shapes the context reports, and
+execute_async_v3 runs on a torch CUDA stream. All device
 memory is torch tensors (no pycuda). Engines built for another checkpoint, GPU or TensorRT
 version are refused when loading (see `export_format.check_compatible`).
 """

@@ -11,7 +11,7 @@ AVX-512 BF16; `cpu_features.CpuInfo.native_bf16`): linear layers, convolutions a
 oneDNN's AMX kernels. CPU autocast, unlike CUDA's, would run layer norms on bf16 inputs in bf16,
 so a pre-hook on every norm module hands it fp32 input while autocast is on: norms (and the
 residual stream after them) stay fp32, and the final L2 normalisation is fp32 in the model
-itself. A CPU without native bf16 would emulate it through fp32, slower than fp32: refused.
+itself. The backend holds a copy of the model with bf16 linear/conv weights (`bf16_matmul_copy`). A CPU without native bf16 would emulate it through fp32, slower than fp32: refused.
 """
 from __future__ import annotations
 
@@ -35,6 +35,22 @@ def check_bf16(device: torch.device) -> None:
     from .cpu_features import require_native_bf16
 
     require_native_bf16(NAMES["bf16"])
+
+
+def bf16_matmul_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose linear and convolution weights are bf16 (norms, embeddings stay fp32).
+
+    CPU autocast would otherwise cast every fp32 weight to bf16 on every call (its cast cache is
+    for training only): at batch 1 that conversion costs more than the bf16 matmuls save. A copy,
+    so that a model shared with an fp32 backend keeps its fp32 weights.
+    """
+    import copy
+
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)):
+            m.to(torch.bfloat16)
+    return model
 
 
 def is_norm(module: torch.nn.Module) -> bool:
@@ -63,11 +79,11 @@ class TorchBackend(Backend):
             check_bf16(device)
         self.device = device
         self.dtype = dtype
-        self.model = model.to(device).eval()
-        # bf16 on the CPU: norms in fp32 (module doc); the hooks act only under autocast, so a model
-        # shared with an fp32 backend is unaffected
+        cpu_bf16 = dtype == "bf16" and device.type == "cpu"
+        self.model = (bf16_matmul_copy(model) if cpu_bf16 else model).to(device).eval()
+        # norms in fp32 (module doc); the hooks act only under autocast
         self._hooks = [m.register_forward_pre_hook(_fp32_input) for m in self.model.modules() if is_norm(m)] \
-            if dtype == "bf16" and device.type == "cpu" else []
+            if cpu_bf16 else []
         config = model.config
         model_id = model_id or f"random:{config.preset or 'custom'}:{config.fusion.fusion}"
         super().__init__(Preprocessor(config, tokenizer), model_id, model.embed_dim, legacy_model_ids)
