@@ -10,8 +10,6 @@ import importlib.metadata
 import os
 import platform
 
-from ..runtime.cpu_features import cpu_info
-
 PACKAGES = ("mimic-engine", "torch", "transformers", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino",
             "tensorrt", "tensorrt-cu12", "tensorrt-cu13", "triton", "hnswlib")
 
@@ -27,6 +25,8 @@ def environment(device: str = "cpu") -> dict:
     """{"cpu", "cpu_vendor", "cpu_kind", "cpu_flags", "cpu_count", "cpus_usable", "load_average_1m", "platform", "python", "versions",
     "torch_threads", "torch_interop_threads", "thread_env", "device", "gpu", "cuda"?} for `device`."""
     import torch
+
+    from ..runtime.cpu_features import cpu_info  # the runtime package imports torch
 
     cpu = cpu_info()
     env = {
