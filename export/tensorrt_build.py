@@ -1,12 +1,16 @@
-"""TensorRT engines from the exported ONNX graphs (TensorRT 10 API), with their default
+"""TensorRT engines from the exported ONNX graphs (TensorRT 10 and 11), with their default
 optimisation profiles and timing-cache keys. What the runtime reads back (profiles, the JSON
 sidecar of an engine, `check_compatible`, `select_profile`) lives in
 `mimic_engine.runtime.export_format`.
 
 Engines: one per stage, `tensorrt/vision.plan` and `tensorrt/fusion.plan`, built from the fp16
-ONNX graph as a STRONGLY TYPED network (the graph's Casts say which parts stay fp32; TensorRT
-10.12+ deprecates per-layer precision flags), or from the fp32 graph for an fp32 engine. Name-based
-I/O only (num_io_tensors, set_input_shape, set_tensor_address, execute_async_v3), workspace via
+ONNX graph as a STRONGLY TYPED network (the graph's Casts say which parts stay fp32), or from the
+fp32 graph for an fp32 engine. That is the only mode TensorRT 11 has: it removed the weak-typing
+API (BuilderFlag.FP16/INT8/BF16/FP8, precision constraints, calibrators, platform_has_fast_fp16),
+which nothing here uses. What differs between the versions is feature-detected, not read from the
+version number: the STRONGLY_TYPED creation flag (required on 10.x, accepted and ignored on 11.x) is
+passed where it exists, and TF32 is cleared for fp32 engines where the flag exists. Name-based I/O
+only (num_io_tensors, set_input_shape, set_tensor_address, execute_async_v3), workspace via
 set_memory_pool_limit. GPU memory and streams come from torch (no pycuda).
 
 An engine is only valid for the TensorRT version and GPU that built it, and for the weights it
@@ -77,8 +81,8 @@ def availability() -> tuple[bool, str]:
         return False, (f"the 'tensorrt' package is not importable ({exc.__class__.__name__}: {exc}); install "
                        f"{INSTALL} on a machine with an NVIDIA GPU")
     major = int(str(trt.__version__).split(".")[0])
-    if major < 10:
-        return False, f"TensorRT {trt.__version__} is installed; the engines use the TensorRT 10 API: install {INSTALL}"
+    if major < 10:  # the name-based I/O and strongly typed builds need 10 or newer
+        return False, f"TensorRT {trt.__version__} is installed; the engines need TensorRT 10 or 11: install {INSTALL}"
     import torch
 
     if not torch.cuda.is_available():
@@ -87,6 +91,15 @@ def availability() -> tuple[bool, str]:
 
 
 # ---- building -----------------------------------------------------------------------------------
+def network_flags(trt) -> int:
+    """create_network's flags: strongly typed, so layer precisions come from the graph's own types and
+    Casts (an fp32 graph gives an fp32 engine, the fp16 graph an fp16 engine with its fp32 islands).
+    TensorRT 10 needs the STRONGLY_TYPED flag; 11 is always strongly typed and keeps the flag only
+    for compatibility, so it is passed where it exists."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
 def build_engine(onnx_path: str, engine_path: str, profiles: list[Profile], model_id: str, stage: str,
                  precision: str, timing_cache_dir: str, workspace_bytes: int = DEFAULT_WORKSPACE,
                  log=print) -> EngineSidecar:
@@ -98,17 +111,16 @@ def build_engine(onnx_path: str, engine_path: str, profiles: list[Profile], mode
     gpu_name, cc = gpu_identity()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    # Strongly typed: layer precisions come from the graph's own types and Casts. An fp32 graph
-    # gives an fp32 engine; the fp16 graph an fp16 engine with its fp32 islands.
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(onnx_path):  # by path: external weights beside the graph are found
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ExportError(f"TensorRT cannot parse {os.path.basename(onnx_path)}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    if precision == "fp32":
-        config.clear_flag(trt.BuilderFlag.TF32)  # on by default; fp32 parity (1e-4) needs real fp32 matmuls
+    tf32 = getattr(trt.BuilderFlag, "TF32", None)
+    if precision == "fp32" and tf32 is not None:
+        config.clear_flag(tf32)  # on by default; fp32 parity (1e-4) needs real fp32 matmuls
 
     cache_name = timing_cache_name(trt.__version__, gpu_name, cc)
     cache_path = os.path.join(timing_cache_dir, cache_name)

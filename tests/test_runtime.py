@@ -12,12 +12,21 @@ import pytest
 from mimic_engine.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from mimic_engine.errors import CheckpointError, ConfigError
 from mimic_engine.preprocess import Item
-from mimic_engine.runtime import BACKENDS, auto_candidates, find_checkpoint, load_backend
+from mimic_engine.runtime import BACKENDS, auto_candidates, cpu_features, find_checkpoint, load_backend
+from mimic_engine.runtime.cpu_features import parse_cpuinfo
 from mimic_engine.runtime.export_format import Manifest, checkpoint_source, write_manifest
 from mimic_engine.runtime.torch_backend import TorchBackend
 from tests.conftest import make_image_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# `auto` on the CPU depends on the CPU's flags: these tests pin one without native bf16
+# (tests/test_cpu_backends.py covers the others)
+FP32_CPU = parse_cpuinfo("vendor_id : AuthenticAMD\nmodel name : AMD EPYC 7B12\nflags : sse4_2 avx avx2 fma\n")
+
+
+@pytest.fixture
+def fp32_cpu(monkeypatch):
+    monkeypatch.setattr(cpu_features, "cpu_info", lambda: FP32_CPU)
 
 
 def mixed_items():
@@ -60,7 +69,7 @@ def test_torch_fp16_is_close_to_fp32(tiny_encoders):
     assert (np.sum(fp16 * fp32, axis=1) > 0.999).all()  # cosine to the fp32 vector
 
 
-def test_factory_loads_torch_from_a_checkpoint(ckpt, tiny_encoders):
+def test_factory_loads_torch_from_a_checkpoint(ckpt, tiny_encoders, fp32_cpu):
     items = mixed_items()
     expected = tiny_encoders("decoder").encode(items)
     for name in ("torch", "auto"):
@@ -95,11 +104,14 @@ def test_factory_errors_name_the_fix(ckpt, tmp_path):
         load_backend("torch", str(empty))
 
 
-def test_auto_preference_order(ckpt, tmp_path):
+def test_auto_preference_order(ckpt, tmp_path, fp32_cpu):
+    import importlib.util
+
     export_dir = tmp_path / "exp"
     export_dir.mkdir()
     assert [n for n, _ in auto_candidates(ckpt, "cpu")] == ["torch"]
-    assert [n for n, _ in auto_candidates(str(export_dir), "cpu")] == ["onnx-optimized", "onnx", "torch"]
+    openvino = ["openvino"] if importlib.util.find_spec("openvino") else []
+    assert [n for n, _ in auto_candidates(str(export_dir), "cpu")] == ["onnx-optimized", "onnx", *openvino, "torch"]
     gpu = [n for n, _ in auto_candidates(ckpt, "cuda")]
     assert gpu[0] == "torch-cuda" and gpu[-1] == "torch"
     assert [n for n, _ in auto_candidates(str(export_dir), "cuda")][0] == "tensorrt"
@@ -168,6 +180,7 @@ def test_torch_backend_does_not_import_optional_runtimes(ckpt):
         import sys
         sys.modules["onnxruntime"] = None   # import onnxruntime -> ImportError, as if not installed
         sys.modules["tensorrt"] = None
+        sys.modules["openvino"] = None
         from mimic_engine.runtime import load_backend
         from mimic_engine.preprocess import Item
         b = load_backend("auto", {ckpt!r})
@@ -176,15 +189,16 @@ def test_torch_backend_does_not_import_optional_runtimes(ckpt):
             load_backend("onnx", {os.path.dirname(ckpt)!r})
         except ImportError as exc:
             print("onnx:", type(exc).__name__)
-        assert "onnxruntime" not in [m for m, v in sys.modules.items() if v is not None]
+        loaded = [m for m, v in sys.modules.items() if v is not None]
+        assert "onnxruntime" not in loaded and "openvino" not in loaded
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    assert "torch (1, 16)" in out.stdout
+    assert "torch (1, 16)" in out.stdout or "torch-bf16 (1, 16)" in out.stdout  # bf16 on a native-bf16 CPU
     assert "onnx: " in out.stdout, out.stdout + out.stderr
 
 
-def test_all_present_backends_agree(ckpt, tiny_export):
+def test_all_present_backends_agree(ckpt, tiny_export, fp32_cpu):
     """torch vs every backend an export here produces (ONNX fp32 / optimized / int8), within the
     export's own tolerances; TensorRT and CUDA graphs are covered where a GPU is (their own tests).
     The export is of another file holding the same model, so the ids agree too."""
@@ -201,7 +215,7 @@ def test_all_present_backends_agree(ckpt, tiny_export):
         if max_abs is not None:
             np.testing.assert_allclose(got, reference, atol=max_abs, err_msg=name)
         assert (np.sum(got * reference, axis=1) >= min_cos).all(), name
-    # auto on a CPU with an export directory prefers ONNX Runtime, and the torch backends find the
+    # auto on a CPU without bf16, with an export directory, prefers ONNX Runtime; the torch backends find the
     # checkpoint through the export's manifest
     assert load_backend("auto", export_dir).name.startswith("onnx")
     np.testing.assert_allclose(load_backend("torch", export_dir).encode(items), reference, atol=1e-6)

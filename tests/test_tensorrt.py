@@ -128,7 +128,7 @@ def test_export_without_tensorrt_says_what_it_skipped_and_why(tmp_path, tiny_enc
 def test_tensorrt_engine_matches_pytorch(tmp_path, tiny_encoders):
     ok, reason = availability()
     if not ok:
-        pytest.skip(f"TensorRT engine test needs TensorRT 10 and a CUDA GPU: {reason}")
+        pytest.skip(f"TensorRT engine test needs TensorRT 10 or 11 and a CUDA GPU: {reason}")
     from mimic_engine.checkpoint import save_checkpoint
     from mimic_engine.runtime.export_format import read_manifest
     from mimic_engine.export.pipeline import ExportOptions, export_checkpoint
@@ -310,3 +310,58 @@ def test_a_sidecar_of_a_format_1_export_is_read_with_its_checkpoint_sha256_as_th
     side = read_sidecar(engine)
     assert side.model_id == SHA
     check_compatible(side, SHA, "10.8.0.43", "NVIDIA H100 80GB HBM3", "9.0")
+
+
+class _FakeTensorRT11(_FakeTensorRT):
+    """TensorRT 11 as far as build_engine is concerned: the weak-typing flags are gone (BuilderFlag has
+    no FP16/INT8/BF16), and this stand-in also drops the STRONGLY_TYPED creation flag (11 keeps it only
+    for compatibility and ignores it), so the build must not depend on either."""
+
+    import enum as _enum
+
+    __version__ = "11.4.0.106"
+    NetworkDefinitionCreationFlag = _enum.IntEnum("NetworkDefinitionCreationFlag", {"PREFER_JIT_PYTHON_PLUGINS": 3})
+    BuilderFlag = _enum.Enum("BuilderFlag", "TF32 REFIT")
+    calls = []
+
+
+def test_build_engine_works_with_the_tensorrt11_api(tmp_path, monkeypatch, tiny_encoders):
+    import sys
+
+    from mimic_engine.export import tensorrt_build
+    from mimic_engine.export.onnx_export import export_graph
+
+    monkeypatch.setitem(sys.modules, "tensorrt", _FakeTensorRT11)
+    monkeypatch.setattr(tensorrt_build, "gpu_identity", lambda device=0: ("NVIDIA H200", "9.0"))
+    _FakeTensorRT.calls = []  # the inner classes append to the base's list
+    onnx_path = str(tmp_path / "fusion.onnx")
+    export_graph(tiny_encoders("decoder").model, "fusion", onnx_path, 17, {"model_id": SHA})
+    config, ranges = tiny_ranges()
+    engine = str(tmp_path / "tensorrt" / "fusion.plan")
+    side = tensorrt_build.build_engine(onnx_path, engine, stage_profiles(config, ranges, "fusion"), SHA, "fusion",
+                                       "fp32", str(tmp_path / "tensorrt"), log=lambda *_: None)
+    assert ("network_flags", 0) in _FakeTensorRT.calls  # no STRONGLY_TYPED flag to pass: 11 is strongly typed anyway
+    assert ("clear_flag", "TF32") in _FakeTensorRT.calls
+    assert side.tensorrt_version == "11.4.0.106" and read_sidecar(engine).precision == "fp32"
+
+
+def test_network_flags_are_feature_detected():
+    from mimic_engine.export.tensorrt_build import network_flags
+
+    assert network_flags(_FakeTensorRT) == 1 << 5  # 10.x: the STRONGLY_TYPED bit
+    assert network_flags(_FakeTensorRT11) == 0
+
+
+def test_availability_and_install_hint_name_tensorrt_10_and_11(monkeypatch):
+    import sys
+    import types
+
+    from mimic_engine.runtime.export_format import TENSORRT_INSTALL
+
+    assert "tensorrt-cu12" in TENSORRT_INSTALL and "tensorrt-cu13" in TENSORRT_INSTALL
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
+    ok, reason = availability()
+    assert not ok and "tensorrt-cu12" in reason and "10 or 11" in reason
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="8.6.1"))
+    ok, reason = availability()
+    assert not ok and "TensorRT 8.6.1" in reason and "10 or 11" in reason

@@ -6,33 +6,12 @@ machine), library versions, thread settings, and the GPU with its CUDA version.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import os
 import platform
-import re
 
-PACKAGES = ("mimic-engine", "torch", "transformers", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt",
-            "triton", "hnswlib")
-# /proc/cpuinfo flags that name vector instructions (x86 "flags", ARM "Features")
-SIMD_FLAG = re.compile(r"^(sse\d.*|ssse3|avx.*|fma.*|f16c|amx.*|.*vnni.*|.*bf16.*|asimd.*|sve.*|neon)$")
-
-
-def cpu_model_and_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str | None, list[str]]:
-    """-> (the CPU's model name, its SIMD flags sorted); platform.processor() and [] where cpuinfo is missing."""
-    model, flags = None, []
-    with contextlib.suppress(OSError):
-        with open(cpuinfo) as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and model is None:
-                    model = value.strip()
-                elif key in ("flags", "Features") and not flags:
-                    flags = sorted(f for f in value.split() if SIMD_FLAG.match(f))
-                if model is not None and flags:
-                    break
-    return model or platform.processor() or None, flags
+PACKAGES = ("mimic-engine", "torch", "transformers", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino",
+            "tensorrt", "tensorrt-cu12", "tensorrt-cu13", "triton", "hnswlib")
 
 
 def version(package: str) -> str | None:
@@ -43,14 +22,18 @@ def version(package: str) -> str | None:
 
 
 def environment(device: str = "cpu") -> dict:
-    """{"cpu", "cpu_flags", "cpu_count", "cpus_usable", "load_average_1m", "platform", "python", "versions",
+    """{"cpu", "cpu_vendor", "cpu_kind", "cpu_flags", "cpu_count", "cpus_usable", "load_average_1m", "platform", "python", "versions",
     "torch_threads", "torch_interop_threads", "thread_env", "device", "gpu", "cuda"?} for `device`."""
     import torch
 
-    cpu, flags = cpu_model_and_flags()
+    from ..runtime.cpu_features import cpu_info  # the runtime package imports torch
+
+    cpu = cpu_info()
     env = {
-        "cpu": cpu,
-        "cpu_flags": flags,
+        "cpu": cpu.model,
+        "cpu_vendor": cpu.vendor,
+        "cpu_kind": cpu.kind,  # cpu_features.CpuInfo.kind: the row group of the docs' result tables
+        "cpu_flags": cpu.simd_flags,
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
@@ -71,5 +54,5 @@ def environment(device: str = "cpu") -> dict:
 
 def describe(env: dict) -> str:
     """One line for a table's header: device, CPU, cores, load, GPU, torch threads."""
-    return (f"device: {env['device']}  cpu: {env['cpu']} ({env['cpus_usable']} usable cores, "
+    return (f"device: {env['device']}  cpu: {env['cpu']} [{env.get('cpu_kind', '?')}] ({env['cpus_usable']} usable cores, "
             f"load {env['load_average_1m']})  gpu: {env['gpu'] or '-'}  torch threads {env['torch_threads']}")

@@ -39,9 +39,11 @@ from .timing import device_of, latency_stats, parity, time_backends
 SCHEMA = "mimic-engine-bench/1"
 BASELINE = "torch"  # PyTorch eager fp32
 # Candidates for `--backends all`, in table order; a candidate that cannot load here is listed as skipped.
-CPU_CANDIDATES = ("torch", "onnx", "onnx-optimized", "onnx-int8")
+CPU_CANDIDATES = ("torch", "torch-bf16", "onnx", "onnx-optimized", "onnx-int8", "openvino", "openvino-bf16",
+                  "openvino-int8")
 CUDA_CANDIDATES = ("torch", "torch-fp16", "torch-cuda", "tensorrt", "onnx", "onnx-optimized", "onnx-int8")
-ONNX_BACKENDS = ("onnx", "onnx-optimized", "onnx-int8", "tensorrt")  # need an export directory
+# need an export directory
+ONNX_BACKENDS = ("onnx", "onnx-optimized", "onnx-int8", "openvino", "openvino-bf16", "openvino-int8", "tensorrt")
 
 
 @dataclass
@@ -167,6 +169,8 @@ def candidate_backends(requested: str, device: str) -> list[str]:
 
 
 def _backend_kwargs(name: str, threads: int | None, onnx_spin: bool = True) -> dict:
+    if name.startswith("openvino"):
+        return {"threads": threads} if threads else {}
     if not name.startswith("onnx"):
         return {}
     return {**({"threads": threads} if threads else {}), **({} if onnx_spin else {"spin": False})}

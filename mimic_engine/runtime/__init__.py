@@ -6,16 +6,22 @@
 Backends and what they need:
 
     torch, torch-fp16        a ckpt.pt (or an export dir, whose manifest names its ckpt.pt); CPU or CUDA
+    torch-bf16               the same; CPU autocast to bf16 on a CPU with native bf16 (AMX / AVX-512 BF16)
     onnx, onnx-optimized,    an export dir (`mimic-engine export`); onnxruntime
       onnx-int8
-    tensorrt                 an export dir with a TensorRT engine; tensorrt + a CUDA GPU
+    openvino, openvino-bf16, an export dir; openvino; fp32, bf16 (native bf16 CPUs only) and int8
+      openvino-int8            (the export's int8 graphs), each precision set explicitly
+    tensorrt                 an export dir with a TensorRT engine; TensorRT 10 or 11 + a CUDA GPU
     torch-cuda               a ckpt.pt; the project's CUDA-graph backend on a CUDA GPU
 
 Optional packages are imported only by the backend that needs them, so a missing onnxruntime
-affects the onnx backends and nothing else.
+affects the onnx backends and nothing else. `auto` orders the candidates by the machine
+(`auto_candidates`): on the CPU by its flags (`cpu_features`), the installed packages and the
+export's variants.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 
@@ -25,8 +31,11 @@ from .base import Backend
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "torch-fp16", "onnx", "onnx-optimized", "onnx-int8", "tensorrt", "torch-cuda")
+BACKENDS = ("auto", "torch", "torch-fp16", "torch-bf16", "onnx", "onnx-optimized", "onnx-int8", "openvino",
+            "openvino-bf16", "openvino-int8", "tensorrt", "torch-cuda")
+TORCH_DTYPES = {"torch": "fp32", "torch-fp16": "fp16", "torch-bf16": "bf16"}
 ONNX_VARIANTS = {"onnx": "fp32", "onnx-optimized": "optimized", "onnx-int8": "int8"}
+OPENVINO_PRECISIONS = {"openvino": "fp32", "openvino-bf16": "bf16", "openvino-int8": "int8"}
 
 
 def load_backend(name: str, model: str, device: str = "cpu", threads: int | None = None, **kw) -> Backend:
@@ -34,7 +43,7 @@ def load_backend(name: str, model: str, device: str = "cpu", threads: int | None
 
     `device` is "cpu", "cuda", "cuda:N" or "auto" (CUDA when torch sees a GPU). `threads` sets the
     CPU threads per operator (torch.set_num_threads for the PyTorch backends, which is process-wide;
-    ONNX Runtime's intra-op threads); None keeps the libraries' defaults. Extra keyword arguments
+    ONNX Runtime's intra-op threads, OpenVINO's inference threads); None keeps the libraries' defaults. Extra keyword arguments
     go to the backend's constructor (e.g. `providers=` for ONNX Runtime). "auto" tries the fastest
     candidates for this model and hardware in order and logs why it chose one.
     """
@@ -80,11 +89,49 @@ def auto_candidates(model: str, device: str) -> list[tuple[str, str]]:
             order.append(("onnx", "ONNX Runtime with its CUDA provider"))
         order.append(("torch", "eager PyTorch on the GPU is always available"))
         return order
+    from .cpu_features import cpu_info
+
+    variants = set()
     if is_export:
-        return [("onnx-optimized", "CPU with an export directory: ONNX Runtime with fused graphs is fastest"),
-                ("onnx", "CPU with an export directory: ONNX Runtime beats eager PyTorch"),
-                ("torch", "eager PyTorch as the fallback")]
-    return [("torch", f"{model!r} is a checkpoint (export it for ONNX Runtime); eager PyTorch on the CPU")]
+        from .export_format import VARIANTS, ExportError, read_manifest
+
+        try:
+            variants = set(read_manifest(model).variants)
+        except ExportError:  # the candidates' own loading says what is wrong with the folder
+            variants = set(VARIANTS)
+    return cpu_candidates(cpu_info(), variants, has_checkpoint=find_checkpoint(model, required=False) is not None,
+                          installed={p for p in ("openvino", "onnxruntime") if importlib.util.find_spec(p)})
+
+
+def cpu_candidates(cpu, variants: set, has_checkpoint: bool, installed: set) -> list[tuple[str, str]]:
+    """(backend, reason) on a CPU, best first: `cpu` a cpu_features.CpuInfo, `variants` the export's
+    graph variants (empty for a bare checkpoint), `installed` the runtimes among openvino/onnxruntime.
+
+    bf16 on a CPU that computes it natively keeps min cosine >= 0.9999 against fp32 and is the fastest
+    there (OpenVINO bf16 first, PyTorch bf16 autocast next; docs/results.md has the table); elsewhere
+    the fp32 graphs. The int8 backends are lossy (min cosine about 0.98) and are never chosen by
+    `auto`: name them to use them.
+    """
+    order = []
+    fp32_graphs = "fp32" in variants
+    if cpu.native_bf16:
+        why = f"{cpu.describe()} computes bf16 natively"
+        if fp32_graphs and "openvino" in installed:
+            order.append(("openvino-bf16", f"{why}: OpenVINO bf16 (AMX/AVX-512 BF16 kernels) is the fastest CPU "
+                                           "backend there"))
+        if has_checkpoint:
+            order.append(("torch-bf16", f"{why}: PyTorch bf16 autocast"
+                                        + ("" if "openvino" in installed else " (pip install openvino for faster)")))
+    if "onnxruntime" in installed:
+        if "optimized" in variants:
+            order.append(("onnx-optimized", "CPU with an export directory: ONNX Runtime with fused graphs"))
+        if fp32_graphs:
+            order.append(("onnx", "CPU with an export directory: ONNX Runtime beats eager PyTorch"))
+    if fp32_graphs and "openvino" in installed:
+        order.append(("openvino", "CPU with an export directory: OpenVINO fp32"))
+    why = "eager PyTorch as the fallback" if variants else "a checkpoint (export it for the graph runtimes)"
+    order.append(("torch", f"{why}; eager PyTorch fp32 on the CPU"))  # its loading says when there is no ckpt.pt
+    return order
 
 
 def find_checkpoint(model: str, required: bool = True) -> str | None:
@@ -114,14 +161,21 @@ def _onnx_has_cuda() -> bool:
 
 
 def _build(name: str, model: str, device: str, threads: int | None = None, **kw) -> Backend:
-    if name in ("torch", "torch-fp16"):
+    if name in TORCH_DTYPES:
         from .torch_backend import TorchBackend
 
-        return TorchBackend.from_checkpoint(find_checkpoint(model), device, "fp16" if name == "torch-fp16" else "fp32")
-    if name in ONNX_VARIANTS:
+        return TorchBackend.from_checkpoint(find_checkpoint(model), device, TORCH_DTYPES[name])
+    if name in ONNX_VARIANTS or name in OPENVINO_PRECISIONS:
         if not os.path.isdir(model):
             raise ConfigError(f"backend {name!r} needs an export directory, but {model!r} is a file; run "
                               f"`mimic-engine export {model} --out DIR` and pass DIR")
+    if name in OPENVINO_PRECISIONS:
+        if device != "cpu":
+            raise ConfigError(f"backend {name!r} runs on the CPU; pass device='cpu' (got {device!r})")
+        from .openvino_backend import OpenVinoBackend
+
+        return OpenVinoBackend(model, precision=OPENVINO_PRECISIONS[name], threads=threads, **kw)
+    if name in ONNX_VARIANTS:
         from .onnx_backend import OnnxBackend
 
         if "providers" not in kw and device.startswith("cuda") and _onnx_has_cuda():
@@ -147,4 +201,5 @@ def _need_cuda(name: str, device: str) -> None:
         raise ConfigError(f"backend {name!r} runs on a CUDA GPU; pass device='cuda' (got {device!r})")
 
 
-__all__ = ["BACKENDS", "Backend", "auto_candidates", "find_checkpoint", "load_backend", "resolve_device"]
+__all__ = ["BACKENDS", "Backend", "auto_candidates", "cpu_candidates", "find_checkpoint", "load_backend",
+           "resolve_device"]

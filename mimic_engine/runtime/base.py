@@ -15,8 +15,29 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from ..modeling import EncoderBatch, gather_visual_tokens
 from ..preprocess import Item, Preprocessor
+
+
+def as_numpy(t: torch.Tensor, dtype) -> np.ndarray:
+    """A contiguous host copy of a tensor in `dtype`: the feed of a graph runtime."""
+    if not isinstance(t, torch.Tensor):
+        raise ConfigError(f"expected a torch tensor, got {type(t).__name__}")
+    return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=dtype)
+
+
+def nonempty_visual(visual_tokens: torch.Tensor, visual_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fusion inputs for a graph runtime: a batch without images gets one masked zero token per item.
+
+    ONNX Runtime does not support a zero-size visual axis in the early and late fusion graphs
+    (reductions over an empty axis) and TensorRT profiles start at V=1; a masked token changes
+    nothing (tested against PyTorch). (B, 0, H), (B, 0) -> (B, 1, H), (B, 1); others unchanged.
+    """
+    if visual_tokens.shape[1]:
+        return visual_tokens, visual_mask
+    b, h = visual_tokens.shape[0], visual_tokens.shape[2]
+    return torch.zeros(b, 1, h, dtype=torch.float32), torch.zeros(b, 1, dtype=torch.long)
 
 
 class Backend(ABC):

@@ -46,8 +46,9 @@ STAGES = ("vision", "fusion")
 VARIANTS = ("fp32", "optimized", "int8", "fp16")
 METADATA_PREFIX = "mimic_engine."  # keys of the graphs' metadata_props
 SIDECAR_FORMAT = "mimic-engine-tensorrt-sidecar"
-TENSORRT_INSTALL = ("TensorRT 10 for your CUDA version, e.g. `pip install tensorrt-cu12` (from NVIDIA's package "
-                    "index; the PyPI package only fetches it from there)")
+TENSORRT_INSTALL = ("TensorRT 10 or 11 for your CUDA version: `pip install tensorrt-cu12` (CUDA 12) or "
+                    "`pip install tensorrt-cu13` (CUDA 13); these PyPI packages fetch the libraries from NVIDIA's "
+                    "package index, which must be reachable")
 # TensorRT DataType names -> numpy/torch dtype names (engine I/O as the sidecar records it)
 TRT_TO_NAME = {"FLOAT": "float32", "HALF": "float16", "INT64": "int64", "INT32": "int32", "BOOL": "bool",
                "INT8": "int8", "BF16": "bfloat16"}
@@ -233,6 +234,27 @@ def graph_model_id(metadata: dict) -> str | None:
     """The model id in a graph's metadata_props map (`mimic_engine.model_id`; older graphs:
     `mimic_engine.checkpoint_sha256`)."""
     return metadata.get(METADATA_PREFIX + "model_id") or metadata.get(METADATA_PREFIX + "checkpoint_sha256")
+
+
+def variant_graphs(export_dir: str, manifest: Manifest, variant: str) -> dict:
+    """{stage: graph file} of `variant`; an error naming the variants there are (and why this one is not)."""
+    if variant not in manifest.variants:
+        why = [s["reason"] for s in manifest.skipped if s.get("step") == variant]
+        raise ExportError(f"{export_dir!r} has no {variant!r} graphs (it has {sorted(manifest.variants)})"
+                          + (f": {why[0]}" if why else "") + "; re-export with that precision or pick another variant")
+    return manifest.variants[variant]
+
+
+def check_graph_model_id(found: str | None, manifest: Manifest, file: str, export_dir: str) -> None:
+    """Refuse a graph whose metadata names another model than the manifest (`graph_model_id` -> `found`)."""
+    if found != manifest.model_id:
+        raise ExportError(f"{file} in {export_dir!r} was exported from model {str(found)[:12]}, but the "
+                          f"manifest says {manifest.model_id[:12]}: the folder mixes two exports; re-export")
+
+
+def embed_dim(config) -> int:
+    """Width of the exported embeddings: the fusion head's, or the text tower's hidden size without a head."""
+    return config.fusion.embed_dim or (config.text.hf_config.get("hidden_size") or config.text.hf_config["d_model"])
 
 
 def load_export_config(export_dir: str):

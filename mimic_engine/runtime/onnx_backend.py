@@ -7,9 +7,8 @@ Variants (files written by `mimic-engine export`): "fp32" (reference), "optimize
 Runtime's transformer fusions, CPU), "int8" (dynamic int8 weights, CPU), "fp16" (fp16 with fp32
 norms/softmax/FFN output; for GPUs through the CUDA provider of onnxruntime-gpu).
 
-A batch without images is given one zero visual token per item with visual_mask 0: the early
-and late fusion graphs do not support a zero-size visual dimension in ONNX Runtime (reductions
-over an empty axis), and a masked token changes nothing (tested against PyTorch).
+A batch without images is given one zero visual token per item with visual_mask 0
+(`base.nonempty_visual`).
 """
 from __future__ import annotations
 
@@ -18,10 +17,11 @@ import os
 import numpy as np
 import torch
 
-from ..errors import ConfigError, MissingDependencyError, choice, require
+from ..errors import MissingDependencyError, choice, require
 from ..preprocess import Preprocessor
-from .base import Backend
-from .export_format import VARIANTS, ExportError, graph_model_id, load_export_config, read_manifest
+from .base import Backend, as_numpy, nonempty_visual
+from .export_format import (VARIANTS, check_graph_model_id, embed_dim, graph_model_id, load_export_config, read_manifest,
+                            variant_graphs)
 
 INSTALL = "pip install 'mimic-engine[export]'  (or: pip install onnxruntime)"
 GPU_INSTALL = "pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
@@ -39,10 +39,7 @@ class OnnxBackend(Backend):
         ort = require("onnxruntime", INSTALL, "the ONNX Runtime backend")
         choice("variant", variant, VARIANTS)
         manifest = read_manifest(export_dir, require_complete=not allow_incomplete)
-        if variant not in manifest.variants:
-            why = [s["reason"] for s in manifest.skipped if s.get("step") == variant]
-            raise ExportError(f"{export_dir!r} has no {variant!r} graphs (it has {sorted(manifest.variants)})"
-                              + (f": {why[0]}" if why else "") + "; re-export with that precision or pick another variant")
+        files = variant_graphs(export_dir, manifest, variant)
         providers = list(providers or ["CPUExecutionProvider"])
         missing = [p for p in providers if p not in ort.get_available_providers()]
         if missing:
@@ -60,34 +57,27 @@ class OnnxBackend(Backend):
         self.variant = variant
         self.manifest = manifest
         self.sessions = {}
-        for stage, file in manifest.variants[variant].items():
+        for stage, file in files.items():
             session = ort.InferenceSession(os.path.join(export_dir, file), options, providers=providers)
-            found = graph_model_id(session.get_modelmeta().custom_metadata_map)
-            if found != manifest.model_id:
-                raise ExportError(f"{file} in {export_dir!r} was exported from model {str(found)[:12]}, but the "
-                                  f"manifest says {manifest.model_id[:12]}: the folder mixes two exports; re-export")
+            check_graph_model_id(graph_model_id(session.get_modelmeta().custom_metadata_map), manifest, file, export_dir)
             self.sessions[stage] = session
         self.providers = self.sessions["fusion"].get_providers()
         config, tokenizer = load_export_config(export_dir)
-        embed_dim = config.fusion.embed_dim or (config.text.hf_config.get("hidden_size") or config.text.hf_config["d_model"])
-        super().__init__(Preprocessor(config, tokenizer), manifest.model_id, embed_dim,
+        super().__init__(Preprocessor(config, tokenizer), manifest.model_id, embed_dim(config),
                          legacy_model_ids=(manifest.source.get("file_sha256"),))
         self.name = "onnx" if variant == "fp32" else f"onnx-{variant}"
 
     def run_vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        feed = {"pixel_values": _np(pixel_values, np.float32)}
+        feed = {"pixel_values": as_numpy(pixel_values, np.float32)}
         return torch.from_numpy(self.sessions["vision"].run(["visual_tokens"], feed)[0])  # (N, P, H)
 
     def run_fusion(self, input_ids, attention_mask, visual_tokens, visual_mask) -> torch.Tensor:
-        if visual_tokens.shape[1] == 0:  # no image in the batch: one masked zero token per item
-            b, h = visual_tokens.shape[0], visual_tokens.shape[2]
-            visual_tokens = torch.zeros(b, 1, h, dtype=torch.float32)
-            visual_mask = torch.zeros(b, 1, dtype=torch.long)
+        visual_tokens, visual_mask = nonempty_visual(visual_tokens, visual_mask)
         feed = {
-            "input_ids": _np(input_ids, np.int64),
-            "attention_mask": _np(attention_mask, np.int64),
-            "visual_tokens": _np(visual_tokens, np.float32),
-            "visual_mask": _np(visual_mask, np.int64),
+            "input_ids": as_numpy(input_ids, np.int64),
+            "attention_mask": as_numpy(attention_mask, np.int64),
+            "visual_tokens": as_numpy(visual_tokens, np.float32),
+            "visual_mask": as_numpy(visual_mask, np.int64),
         }
         return torch.from_numpy(self.sessions["fusion"].run(["embeddings"], feed)[0])  # (B, E)
 
@@ -95,8 +85,3 @@ class OnnxBackend(Backend):
         return {**super().capabilities(), "variant": self.variant, "providers": self.providers,
                 "export_dir": self.export_dir}
 
-
-def _np(t: torch.Tensor, dtype) -> np.ndarray:
-    if not isinstance(t, torch.Tensor):
-        raise ConfigError(f"expected a torch tensor, got {type(t).__name__}")
-    return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=dtype)

@@ -1,8 +1,9 @@
 """TensorRT backend: the engines of an export directory (`tensorrt/vision.plan`, `tensorrt/fusion.plan`).
 
-TensorRT 10 name-based I/O: for each call the tightest optimisation profile is selected for the
-input shapes, inputs are bound with set_input_shape / set_tensor_address, outputs are allocated
-from the shapes the context reports, and execute_async_v3 runs on a torch CUDA stream. All device
+TensorRT 10 and 11 (the same name-based API in both): for each call the tightest optimisation
+profile is selected for the input shapes, inputs are bound with set_input_shape /
+set_tensor_address, outputs are allocated from the shapes the context reports, and
+execute_async_v3 runs on a torch CUDA stream. All device
 memory is torch tensors (no pycuda). Engines built for another checkpoint, GPU or TensorRT
 version are refused when loading (see `export_format.check_compatible`).
 """
@@ -14,8 +15,8 @@ import torch
 
 from ..errors import ConfigError, require
 from ..preprocess import Preprocessor
-from .base import Backend
-from .export_format import (TENSORRT_INSTALL, TRT_TO_NAME, ExportError, check_compatible, gpu_identity,
+from .base import Backend, nonempty_visual
+from .export_format import (TENSORRT_INSTALL, TRT_TO_NAME, ExportError, check_compatible, embed_dim, gpu_identity,
                             load_export_config, read_manifest, read_sidecar, select_profile)
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32,
@@ -95,8 +96,7 @@ class TensorRTBackend(Backend):
         self.stream = torch.cuda.Stream(self.device)
         self.export_dir = export_dir
         config, tokenizer = load_export_config(export_dir)
-        embed_dim = config.fusion.embed_dim or (config.text.hf_config.get("hidden_size") or config.text.hf_config["d_model"])
-        super().__init__(Preprocessor(config, tokenizer), manifest.model_id, embed_dim,
+        super().__init__(Preprocessor(config, tokenizer), manifest.model_id, embed_dim(config),
                          legacy_model_ids=(manifest.source.get("file_sha256"),))
 
     def run_vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -104,10 +104,7 @@ class TensorRTBackend(Backend):
         return out["visual_tokens"].float()  # (N, P, H) on the GPU
 
     def run_fusion(self, input_ids, attention_mask, visual_tokens, visual_mask) -> torch.Tensor:
-        if visual_tokens.shape[1] == 0:  # no image in the batch: one masked zero token (profiles start at V=1)
-            b, h = visual_tokens.shape[0], visual_tokens.shape[2]
-            visual_tokens = torch.zeros(b, 1, h, dtype=torch.float32)
-            visual_mask = torch.zeros(b, 1, dtype=torch.long)
+        visual_tokens, visual_mask = nonempty_visual(visual_tokens, visual_mask)  # profiles start at V=1
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "visual_tokens": visual_tokens,
                  "visual_mask": visual_mask}
         return self.engines["fusion"].run(feeds, self.stream)["embeddings"].float()  # (B, E)
