@@ -107,10 +107,11 @@ def cpu_candidates(cpu, variants: set, has_checkpoint: bool, installed: set) -> 
     """(backend, reason) on a CPU, best first: `cpu` a cpu_features.CpuInfo, `variants` the export's
     graph variants (empty for a bare checkpoint), `installed` the runtimes among openvino/onnxruntime.
 
-    bf16 on a CPU that computes it natively keeps min cosine >= 0.9999 against fp32 and is the fastest
-    there (OpenVINO bf16 first, PyTorch bf16 autocast next; docs/results.md has the table); elsewhere
-    the fp32 graphs. The int8 backends are lossy (min cosine about 0.98) and are never chosen by
-    `auto`: name them to use them.
+    OpenVINO bf16 on a CPU that computes bf16 natively keeps min cosine >= 0.9999 against fp32 and is
+    the fastest there (docs/results.md has the table); elsewhere, and without OpenVINO, the fp32
+    graphs. PyTorch bf16 autocast (`torch-bf16`) is not chosen: measured on an AMX Xeon it was no
+    faster than eager fp32 for single items (0.93x at batch 1, 0.68x at batch 8, 1.18x at 64). The
+    int8 backends are lossy (min cosine about 0.98) and are never chosen by `auto`: name them to use them.
     """
     order = []
     fp32_graphs = "fp32" in variants
@@ -119,9 +120,6 @@ def cpu_candidates(cpu, variants: set, has_checkpoint: bool, installed: set) -> 
         if fp32_graphs and "openvino" in installed:
             order.append(("openvino-bf16", f"{why}: OpenVINO bf16 (AMX/AVX-512 BF16 kernels) is the fastest CPU "
                                            "backend there"))
-        if has_checkpoint:
-            order.append(("torch-bf16", f"{why}: PyTorch bf16 autocast"
-                                        + ("" if "openvino" in installed else " (pip install openvino for faster)")))
     if "onnxruntime" in installed:
         if "optimized" in variants:
             order.append(("onnx-optimized", "CPU with an export directory: ONNX Runtime with fused graphs"))
