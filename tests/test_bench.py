@@ -227,7 +227,33 @@ def test_recall_cost_against_the_baseline(tmp_path, tiny_encoders):
 
 
 # ---- bench serve ----------------------------------------------------------------------------------
-class StandIn(BaseHTTPRequestHandler):
+class JsonStandIn(BaseHTTPRequestHandler):
+    """A loopback HTTP server's handler that answers JSON bodies; GET is 404."""
+
+    def answer(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):  # noqa: N802
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def serve_in_thread(handler):
+    """-> (the server, its base URL): `handler` on a free loopback port, served by a daemon thread."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+class StandIn(JsonStandIn):
     """A minimal server: /v1/search answers 200, except every 4th request (503) and a wrong key (401)."""
 
     lock = threading.Lock()
@@ -245,28 +271,14 @@ class StandIn(BaseHTTPRequestHandler):
         else:
             status = 503 if n % 4 == 0 else 200
         payload = json.dumps({"results": []} if status == 200 else {"error": {"code": str(status)}}).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def do_GET(self):  # noqa: N802
-        self.send_response(404)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
+        self.answer(status, payload)
 
 
 @pytest.fixture
 def stand_in_server():
     StandIn.seen = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server, url = serve_in_thread(StandIn)
+    yield url
     server.shutdown()
     server.server_close()
 
@@ -372,7 +384,7 @@ def test_serve_against_the_real_server(tmp_path, tiny_encoders):
 
 
 # ---- bench serve: servers side by side ------------------------------------------------------------
-class EmbeddingStandIn(BaseHTTPRequestHandler):
+class EmbeddingStandIn(JsonStandIn):
     """Answers this project's /v1/embed and OpenAI's /embeddings with one 4-d vector per text, and
     /v1/embed-broken with one vector too few; keeps every body it was sent, by path."""
 
@@ -390,29 +402,14 @@ class EmbeddingStandIn(BaseHTTPRequestHandler):
         else:
             payload = {"object": "list", "data": [{"embedding": [0.5] * 4, "index": i} for i in range(len(body["input"]))],
                        "model": body["model"]}
-        data = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):  # noqa: N802
-        self.send_response(404)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
+        self.answer(200, json.dumps(payload).encode())
 
 
 @pytest.fixture
 def embedding_stand_in():
     EmbeddingStandIn.seen = {}
-    server = ThreadingHTTPServer(("127.0.0.1", 0), EmbeddingStandIn)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server, url = serve_in_thread(EmbeddingStandIn)
+    yield url
     server.shutdown()
     server.server_close()
 
