@@ -263,7 +263,7 @@ def test_milvus_limits_are_checked_before_the_call(lite):
             (StoredDocument("a", "text", text="x", metadata={"k": "x" * JSON_MAX_BYTES}), "metadata is"),
             (StoredDocument("é" * (ID_MAX_BYTES // 2 + 1), "text", text="x"), f"at most {ID_MAX_BYTES} bytes"),
             (StoredDocument("a", "text", text="bad \ud800 text"), "lone UTF-16 surrogate"),
-            (StoredDocument("a", "text", text="x", metadata={"k": "\udfff"}), "metadata contains a lone"),
+            (StoredDocument("a", "text", text="x", metadata={"k": "\udfff"}), "metadata.k holds a lone UTF-16 surrogate"),
         ]
         for doc, message in cases:
             with pytest.raises(InputError, match=message):

@@ -86,7 +86,7 @@ STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: 
 ERROR_MEANINGS = {
     400: "The body is not valid JSON (invalid_json), or a request the server cannot use (bad_request)",
     401: "The route needs the API key (unauthorized)",
-    404: "No such document or route (not_found)",
+    404: "No such document, thumbnail, model or route (not_found, no_thumbnail, model_not_found)",
     405: "The route does not take this method (method_not_allowed); the Allow header lists the ones it takes",
     413: "Over a limit: body, items per request, text, image pixels or metadata size",
     422: "A field is invalid: the code names what (invalid_request, invalid_text, invalid_image, invalid_k, ...)",
@@ -97,11 +97,12 @@ ERROR_MEANINGS = {
 }
 
 
-def error_responses(*statuses: int) -> dict:
-    """The `responses=` entry of a route that can answer `statuses` (and 500), for the OpenAPI document."""
+def error_responses(*statuses: int, model=None) -> dict:
+    """The `responses=` entry of a route that can answer `statuses` (and 500), for the OpenAPI document;
+    `model` the error body's schema (default: schemas.ErrorResponse, the project's shape)."""
     from .schemas import ErrorResponse
 
-    return {status: {"model": ErrorResponse, "description": ERROR_MEANINGS[status]}
+    return {status: {"model": model or ErrorResponse, "description": ERROR_MEANINGS[status]}
             for status in sorted({*statuses, 500})}
 
 

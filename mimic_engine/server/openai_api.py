@@ -34,7 +34,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
-from .api_errors import ApiError
+from .api_errors import ApiError, error_responses
 from .routes import ServerState, check_count, encode, server_state, to_item
 from .schemas import ItemIn
 
@@ -186,8 +186,22 @@ def embedding_value(vector, encoding_format: str) -> list[float] | str:
     return vector.tolist()
 
 
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str
+
+
+class OpenAIErrorResponse(BaseModel):
+    """The shape of every 4xx/5xx answer on these routes: OpenAI's."""
+
+    error: OpenAIErrorBody
+
+
 # ---- routes ---------------------------------------------------------------------------------------
-@router.post("/v1/embeddings", response_model=EmbeddingsResponse)
+@router.post("/v1/embeddings", response_model=EmbeddingsResponse,
+             responses=error_responses(400, 404, 413, 422, 503, model=OpenAIErrorResponse))
 @router.post("/embeddings", response_model=EmbeddingsResponse, include_in_schema=False)
 def create_embeddings(body: EmbeddingsRequest, state: ServerState = Depends(server_state)):
     """OpenAI's embeddings API over this model: text, images (data: URIs) and image+caption items."""
@@ -217,7 +231,7 @@ def list_models(state: ServerState = Depends(server_state)):
     return {"object": "list", "data": [model_card(state)]}
 
 
-@router.get("/v1/models/{model:path}")
+@router.get("/v1/models/{model:path}", responses=error_responses(404, model=OpenAIErrorResponse))
 @router.get("/models/{model:path}", include_in_schema=False)
 def retrieve_model(model: str, state: ServerState = Depends(server_state)):
     check_model(model, state)

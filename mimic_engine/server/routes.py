@@ -222,7 +222,9 @@ THUMBNAIL_SUFFIX = "/thumbnail"
 
 # before the document route: its `path` id would swallow the suffix
 @router.get(f"/v1/documents/{{doc_id:path}}{THUMBNAIL_SUFFIX}", tags=["documents"],
-            responses={200: {"content": {"image/webp": {}, "image/jpeg": {}}, "description": "The thumbnail"}})
+            responses={200: {"content": {"image/webp": {}, "image/jpeg": {}}, "description": "The thumbnail"},
+                       304: {"description": "Not modified: the If-None-Match ETag is the thumbnail's"},
+                       **error_responses(404, 422)})
 def get_thumbnail(doc_id: str, request: Request, state: ServerState = Depends(server_state)):
     """An image document's thumbnail (WebP, at most 256 px), stored at upsert; 404 when it has none."""
     data = state.index.thumbnail(doc_id)
