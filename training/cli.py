@@ -1,6 +1,6 @@
 """`mimic-engine train | compare | mine` (also `python training/{train,compare,mine}.py`).
 
-    mimic-engine train --preset small                       # demo corpus, about 3-4 minutes on 2 CPU cores
+    mimic-engine train --preset small                       # demo corpus, 3-minute budget on 2 CPU cores
     mimic-engine train --preset small --fusion early        # MARVEL-style baseline
     mimic-engine train --config run.toml --lr 1e-4          # a config file; flags override it
     mimic-engine compare --ablations                        # MiMIC vs baselines, equal steps, 3 seeds

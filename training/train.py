@@ -1,6 +1,6 @@
 """`python training/train.py ...` = `mimic-engine train ...` (see training/cli.py; --help lists the options).
 
-    python training/train.py --preset small                      # demo corpus, ~3-4 minutes on 2 CPU cores
+    python training/train.py --preset small                      # demo corpus, 3-minute budget on 2 CPU cores
     python training/train.py --preset base --data webqa --data-dir WEBQA --device cuda \
         --text-model T5_ANCE_DIR --vision-model CLIP_VIT_B32_DIR --freeze vision
 """

@@ -1,7 +1,7 @@
 """What `mimic-engine serve` and `search` open: a backend and an index, with the demo set-up as default.
 
 With no model and no index given, both use the demo setup, built on first use so they work on a
-fresh machine: the demo model `<home>/demo-model-v<N>/ckpt.pt` (trained once, about 3-4 minutes on 2 CPU
+fresh machine: the demo model `<home>/demo-model-v<N>/ckpt.pt` (trained once, about 2-3 minutes on 2 CPU
 cores) and the index `<home>/demo-index-v<N>` (filled from the demo corpus when empty), N being the demo
 corpus version; `<home>` is $MIMIC_HOME or ~/.cache/mimic-engine. The demo model is the published
 comparison's MiMIC run for seed 0 (`mimic-engine compare`: the same options, an equal step budget,
@@ -55,7 +55,7 @@ def ensure_demo_model(echo: Callable[[str], None] = _stderr) -> str:
         echo(f"Resuming the interrupted training of the demo model in {partial}.")
     else:
         echo(f"No demo model at {ckpt}: training one now (preset 'small' on the demo corpus, {DEFAULT_STEPS} steps, "
-             "about 3 minutes on 2 idle CPU cores; this happens once). Pass --model to serve your own checkpoint "
+             "about 2-3 minutes on 2 idle CPU cores; this happens once). Pass --model to serve your own checkpoint "
              "or export.")
     comparison_run = run_options(TrainOptions(preset="small", data="demo"), VARIANTS["mimic"], seed=0, out=str(partial),
                                  steps=DEFAULT_STEPS, minutes=None)
