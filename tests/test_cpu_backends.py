@@ -69,23 +69,23 @@ def names(order):
 
 def test_auto_on_a_bf16_cpu_prefers_bf16_and_never_int8():
     amx = parse_cpuinfo(XEON_AMX)
-    order = cpu_candidates(amx, ALL_VARIANTS, has_checkpoint=True, installed=BOTH)
+    order = cpu_candidates(amx, ALL_VARIANTS, installed=BOTH)
     assert names(order) == ["openvino-bf16", "onnx-optimized", "onnx", "openvino", "torch"]
     assert "amx_bf16" in order[0][1]  # the reason names the flag it was chosen for
     # without openvino: the fp32 graphs (PyTorch bf16 autocast measured no faster than fp32, never auto)
-    order = cpu_candidates(amx, ALL_VARIANTS, has_checkpoint=True, installed={"onnxruntime"})
+    order = cpu_candidates(amx, ALL_VARIANTS, installed={"onnxruntime"})
     assert names(order)[:2] == ["onnx-optimized", "onnx"]
     # a bare checkpoint
-    assert names(cpu_candidates(amx, set(), has_checkpoint=True, installed=BOTH)) == ["torch"]
-    assert not any("int8" in n for n in names(cpu_candidates(amx, ALL_VARIANTS, True, BOTH)))
+    assert names(cpu_candidates(amx, set(), installed=BOTH)) == ["torch"]
+    assert not any("int8" in n for n in names(cpu_candidates(amx, ALL_VARIANTS, BOTH)))
 
 
 def test_auto_on_a_cpu_without_bf16_uses_fp32_graphs():
-    order = names(cpu_candidates(NO_BF16, ALL_VARIANTS, has_checkpoint=True, installed=BOTH))
+    order = names(cpu_candidates(NO_BF16, ALL_VARIANTS, installed=BOTH))
     assert order == ["onnx-optimized", "onnx", "openvino", "torch"]
     # only the fp32 graphs exported, no ONNX Runtime
-    assert names(cpu_candidates(NO_BF16, {"fp32"}, False, {"openvino"})) == ["openvino", "torch"]
-    assert names(cpu_candidates(NO_BF16, set(), True, BOTH)) == ["torch"]
+    assert names(cpu_candidates(NO_BF16, {"fp32"}, {"openvino"})) == ["openvino", "torch"]
+    assert names(cpu_candidates(NO_BF16, set(), BOTH)) == ["torch"]
 
 
 def test_auto_candidates_read_the_export_and_the_cpu(tiny_export, monkeypatch):

@@ -99,11 +99,11 @@ def auto_candidates(model: str, device: str) -> list[tuple[str, str]]:
             variants = set(read_manifest(model).variants)
         except ExportError:  # the candidates' own loading says what is wrong with the folder
             variants = set(VARIANTS)
-    return cpu_candidates(cpu_info(), variants, has_checkpoint=find_checkpoint(model, required=False) is not None,
+    return cpu_candidates(cpu_info(), variants,
                           installed={p for p in ("openvino", "onnxruntime") if importlib.util.find_spec(p)})
 
 
-def cpu_candidates(cpu, variants: set, has_checkpoint: bool, installed: set) -> list[tuple[str, str]]:
+def cpu_candidates(cpu, variants: set, installed: set) -> list[tuple[str, str]]:
     """(backend, reason) on a CPU, best first: `cpu` a cpu_features.CpuInfo, `variants` the export's
     graph variants (empty for a bare checkpoint), `installed` the runtimes among openvino/onnxruntime.
 
@@ -115,11 +115,9 @@ def cpu_candidates(cpu, variants: set, has_checkpoint: bool, installed: set) -> 
     """
     order = []
     fp32_graphs = "fp32" in variants
-    if cpu.native_bf16:
-        why = f"{cpu.describe()} computes bf16 natively"
-        if fp32_graphs and "openvino" in installed:
-            order.append(("openvino-bf16", f"{why}: OpenVINO bf16 (AMX/AVX-512 BF16 kernels) is the fastest CPU "
-                                           "backend there"))
+    if cpu.native_bf16 and fp32_graphs and "openvino" in installed:
+        order.append(("openvino-bf16", f"{cpu.describe()} computes bf16 natively: OpenVINO bf16 (AMX/AVX-512 BF16 "
+                                       "kernels) is the fastest CPU backend there"))
     if "onnxruntime" in installed:
         if "optimized" in variants:
             order.append(("onnx-optimized", "CPU with an export directory: ONNX Runtime with fused graphs"))
