@@ -44,6 +44,19 @@ def test_token_count_follows_the_config(size):
     assert preset("small-effnet").visual_tokens_per_image == 49  # 224 px -> 7 x 7
 
 
+def test_channels_last_cpu_path_gives_the_contiguous_layouts_tokens():
+    # the CPU forward switches to channels-last for speed; the tokens must not depend on the layout
+    torch.manual_seed(0)
+    net = EfficientNetLite(TINY_EFFNET).eval()
+    x = torch.randn(3, 3, 40, 40)
+    with torch.no_grad():
+        fast = net(x)
+        plain = net.blocks(net.stem(x))  # the same layers on the NCHW tensor, no layout switch
+        plain = (net.head(plain) if net.head is not None else plain).flatten(2).transpose(1, 2)
+    assert x.is_contiguous()  # the caller's tensor is left as it was
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+
+
 def test_lite0_architecture_has_the_published_size():
     net = EfficientNetLite(EFFICIENTNET_LITE0)
     params = sum(p.numel() for p in net.parameters())

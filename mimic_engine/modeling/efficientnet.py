@@ -99,6 +99,10 @@ class EfficientNetLite(nn.Module):
         return self
 
     def feature_map(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.device.type == "cpu" and not torch.onnx.is_in_onnx_export():
+            # oneDNN's CPU convolutions (the depthwise ones most) run about 1.3-1.6x faster on
+            # channels-last (NHWC) tensors; the values are the same, the exported graph is untouched
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         x = self.blocks(self.stem(pixel_values))
         return self.head(x) if self.head is not None else x  # (N, C, h, w)
 
