@@ -13,6 +13,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_image_memos():
+    """Frozen image towers share a process-wide memo of their tokens (modeling/towers.py); each test
+    ends by emptying it, so no test sees the tokens (or the counts) of another."""
+    yield
+    if "mimic_engine.modeling.towers" in __import__("sys").modules:
+        from mimic_engine.modeling.towers import release_feature_caches
+
+        release_feature_caches()
+
+
 def make_image_bytes(seed: int = 0, size=(40, 30), fmt: str = "PNG", mode: str = "RGB") -> bytes:
     """A random image encoded as `fmt` bytes."""
     from PIL import Image

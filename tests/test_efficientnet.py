@@ -127,6 +127,35 @@ def test_feature_cache_gives_the_same_tokens_and_encodes_each_image_once(tiny_ef
     assert calls == [3, 4]
 
 
+def test_towers_with_the_same_weights_share_one_memo(tiny_effnet_encoders):
+    # a run's training, its final report and the demo index fill hold separate models of one frozen tower
+    from mimic_engine.modeling.towers import release_feature_caches
+
+    enc = tiny_effnet_encoders("decoder")
+    first, second, other = (copy.deepcopy(enc.model).eval() for _ in range(3))
+    with torch.no_grad():
+        next(other.vision_stage.model.parameters()).add_(0.01)  # other weights: another memo
+    calls = []
+    for model in (first, second, other):
+        model.vision_stage.model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+        model.vision_stage.enable_feature_cache()
+    px, later = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = first.vision_stage(px)
+        torch.testing.assert_close(second.vision_stage(px), expected)
+        assert calls == [2]  # the second model read the first one's tokens
+        other.vision_stage(px)
+        assert calls == [2, 2]
+    with torch.inference_mode():  # a serving backend reads the memo but stores nothing in it
+        second.vision_stage(later)
+    with torch.no_grad():
+        first.vision_stage(later)
+        assert calls == [2, 2, 2, 2]
+        release_feature_caches()
+        first.vision_stage(px)
+    assert calls == [2, 2, 2, 2, 2]
+
+
 def test_trainer_caches_a_frozen_tower_and_fine_tunes_an_unfrozen_one(tmp_path, monkeypatch):
     import json
 

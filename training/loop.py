@@ -356,7 +356,11 @@ def final_report(ckpt_path: str, opts: TrainOptions, dataset=None) -> dict:
     from mimic_engine.evaluate import diagnostics, evaluate
 
     encoder = MimicEncoder.from_checkpoint(ckpt_path, distributed.init_from_env(opts.device))
-    encoder.model.vision_stage.enable_feature_cache()  # fixed weights: each image through the tower once
+    # fixed weights: each image and each text through its tower once over all the passes below (the
+    # image memo is the one the run's dev evaluations filled, when its tower was frozen)
+    encoder.model.vision_stage.enable_feature_cache()
+    if opts.fusion != "early":  # early fusion's text tower reads visual tokens too: nothing to memoise
+        encoder.model.fusion_stage.text.enable_state_cache()
     if dataset is None:
         from mimic_engine.data import load_dataset
 

@@ -134,6 +134,22 @@ class TextBackbone(nn.Module):
         return out.last_hidden_state  # (B, T, H)
 
 
+# Memoised tokens of frozen image towers, shared by every model of this process whose tower holds the
+# same weights: a run's training steps and dev evaluations, its final report, the next run of a
+# comparison with the same pretrained tower, and the demo index's first fill encode each image once.
+# (device, weights digest) -> {pixel digest: (P, Hv) tokens}; 245 KiB an image for EfficientNet-Lite0
+# at 224 px, at most `max_images` per tower.
+_FEATURE_CACHES: dict[tuple[str, bytes], dict] = {}
+
+
+def release_feature_caches() -> None:
+    """Empty every image tower's shared memo. A model that still has its cache enabled keeps filling
+    its own memo; call its `disable_feature_cache()` to stop that."""
+    for memo in _FEATURE_CACHES.values():
+        memo.clear()
+    _FEATURE_CACHES.clear()
+
+
 class VisionStage(nn.Module):
     """Pixels -> visual tokens through the projector: CLIP ViT patch tokens (CLS dropped), or the
     cells of EfficientNet-Lite's last feature map (row-major).
@@ -182,13 +198,25 @@ class VisionStage(nn.Module):
     def enable_feature_cache(self, max_images: int = 20_000) -> None:
         """Freeze the tower and memoise its tokens per image. Only valid while the tower's weights do not
         change (the projector still trains): then each distinct image is encoded once per run instead of
-        once per step. Images are keyed by their pixel values (a digest of the normalised tensor)."""
+        once per step. Images are keyed by their pixel values (a digest of the normalised tensor). The
+        memo is shared with every other model of this process whose tower holds the same weights
+        (`_FEATURE_CACHES`); `release_feature_caches()` frees it."""
         self.model.requires_grad_(False)
-        self._cache = {}
+        self._cache = _FEATURE_CACHES.setdefault(self._weights_digest(), {})
         self._cache_max = max_images
 
     def disable_feature_cache(self) -> None:
         self._cache = None
+
+    def _weights_digest(self) -> tuple[str, bytes]:
+        """(device, digest of the tower's parameters and buffers): the key of its shared memo."""
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=16)
+        for name, tensor in self.model.state_dict().items():
+            h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return str(next(self.model.parameters()).device), h.digest()
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         tokens = self._cached_tokens(pixel_values) if self._cache is not None else self.backbone_tokens(pixel_values)
@@ -208,7 +236,9 @@ class VisionStage(nn.Module):
             tokens = self._frozen_tokens(pixel_values[list(first.values())])  # (len(first), P, Hv)
             for j, k in enumerate(first):
                 fresh[k] = tokens[j]
-                if len(self._cache) < self._cache_max:  # full: the rest is computed per batch
+                # full: the rest is computed per batch. Under inference mode (a serving backend reading
+                # the memo) nothing is stored: an inference tensor would break a later training step
+                if len(self._cache) < self._cache_max and not torch.is_inference_mode_enabled():
                     self._cache[k] = tokens[j].clone()
         return torch.stack([fresh[k] if k in fresh else self._cache[k] for k in keys])  # (N, P, Hv)
 

@@ -10,6 +10,7 @@ idle one.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -77,6 +78,24 @@ def default_index_path(root, backend) -> str:
     return os.path.join(root, backend.model_id[:16])
 
 
+@contextlib.contextmanager
+def _memoised_image_tokens(backend):
+    """While the demo corpus is indexed right after the demo model's first training, a torch backend
+    reads the image tokens that training memoised (a frozen pretrained tower: the same weights, so
+    the same tokens) instead of running the tower again; afterwards the memo's memory is freed."""
+    from ..modeling.towers import release_feature_caches
+
+    vision = getattr(getattr(backend, "model", None), "vision_stage", None)  # the torch backend's model
+    if vision is not None:
+        vision.enable_feature_cache()
+    try:
+        yield
+    finally:
+        if vision is not None:
+            vision.disable_feature_cache()
+        release_feature_caches()
+
+
 def open_backend_and_index(settings: ServerSettings, progress: bool = True, echo: Callable[[str], None] = _stderr):
     """-> (backend, index). No model: the demo model; no index: the demo index for the demo model
     (filled from the demo corpus when empty), else `<home>/indexes/<model id>`."""
@@ -106,8 +125,9 @@ def open_backend_and_index(settings: ServerSettings, progress: bool = True, echo
         dataset = load_dataset("demo")
         if index.count() < len(dataset.documents):  # empty, or an interrupted first build: add what is missing
             echo(f"Indexing the demo corpus into {path} ({index.count()}/{len(dataset.documents)} there; once).")
-            build_index(backend, dataset, index, batch_size=64, progress=progress, source="demo",
-                        thumbnails=settings.thumbnails)
+            with _memoised_image_tokens(backend):
+                build_index(backend, dataset, index, batch_size=64, progress=progress, source="demo",
+                            thumbnails=settings.thumbnails)
             index.flush()
     return backend, index
 
