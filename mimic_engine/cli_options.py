@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import click
 
-from .config import FUSIONS, PRESETS
+from .config import DEFAULT_PRESET, FUSIONS, PRESETS
 from .data import KINDS as DATA_KINDS
 from .device import DEFAULT_DEVICE, check_device
 from .errors import ConfigError
@@ -133,7 +133,7 @@ def seeds_option(default, **kw):
     return _option("--seeds", type=SEEDS, default=comma(default), **kw)
 
 
-def preset_option(default: str | None = "small", **kw):
+def preset_option(default: str | None = DEFAULT_PRESET, **kw):
     kw.setdefault("help", "Model size preset (mimic_engine.config).")
     return _option("--preset", type=click.Choice(PRESETS), default=default, **kw)
 

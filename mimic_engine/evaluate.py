@@ -89,9 +89,11 @@ def _check_rates(caption_keep: Sequence[float]) -> list[float]:
 
 def evaluate(encoder, dataset: RetrievalDataset, split: str = "dev", caption_keep: Sequence[float] = DEFAULT_KEEP_RATES,
              seed: int = 0, batch_size: int = 64, max_queries: int | None = None, progress: bool = False,
-             sharded: bool = False) -> dict | None:
+             sharded: bool = False, corpus_memo: dict | None = None) -> dict | None:
     """Retrieve from the whole mixed corpus (exact inner-product top-100) and score the split.
     `sharded`: under torchrun the processes share the encoding; rank 0 returns the result, the others None.
+    `corpus_memo`: a dict that keeps the corpus vectors for the next call with the same encoder, rates
+    and seed (the splits of a dataset share one corpus: score dev and test with one encoding of it).
 
     Returns (metrics x100 at full precision; None for a modality with no query):
         {"split", "n_queries", "n_documents", "seed",
@@ -124,11 +126,17 @@ def evaluate(encoder, dataset: RetrievalDataset, split: str = "dev", caption_kee
     keeps = {i: [caption_kept(docs[i].id, r, seed) for r in rates] for i in captioned}
     full_idx = [i for i in range(len(docs)) if i not in keeps or any(keeps[i])]  # as given (caption kept)
     bare_idx = [i for i in captioned if not all(keeps[i])]  # caption dropped at some rate
-    log(f"encoding {len(full_idx)} documents as given and {len(bare_idx)} image documents without caption")
-    full = _encode(encoder, [docs[i] for i in full_idx], "document", batch_size,
-                   lambda d: d.to_item(dataset.images, keep_caption=True), sharded)
-    bare = _encode(encoder, [docs[i] for i in bare_idx], "document", batch_size,
-                   lambda d: d.to_item(dataset.images, keep_caption=False), sharded)
+    memo_key = (tuple(rates), seed, len(docs))
+    if corpus_memo is not None and memo_key in corpus_memo:
+        full, bare = corpus_memo[memo_key]
+    else:
+        log(f"encoding {len(full_idx)} documents as given and {len(bare_idx)} image documents without caption")
+        full = _encode(encoder, [docs[i] for i in full_idx], "document", batch_size,
+                       lambda d: d.to_item(dataset.images, keep_caption=True), sharded)
+        bare = _encode(encoder, [docs[i] for i in bare_idx], "document", batch_size,
+                       lambda d: d.to_item(dataset.images, keep_caption=False), sharded)
+        if corpus_memo is not None:
+            corpus_memo[memo_key] = (full, bare)
     log(f"encoding {len(queries)} {split} queries")
     q_vecs = _encode(encoder, queries, "query", batch_size, lambda q: q.to_item(dataset.images), sharded)
     if q_vecs is None:  # another process of a sharded evaluation: rank 0 scores

@@ -6,7 +6,10 @@ import pytest
 from click.testing import CliRunner
 
 from mimic_engine.checkpoint import save_checkpoint
+from mimic_engine.config import DEFAULT_PRESET
 from mimic_engine.data.demo import FORMAT_VERSION as DEMO_VERSION
+
+DEMO_MODEL = f"demo-model-v{DEMO_VERSION}-{DEFAULT_PRESET}"  # named after the corpus version and the preset
 from mimic_engine.server import cli as server_cli
 
 
@@ -76,10 +79,10 @@ def test_no_arguments_serves_the_demo_model_on_the_demo_index(tiny_encoders, tmp
     monkeypatch.setattr("mimic_engine.training.run.run_training", fake_train)
     result = CliRunner().invoke(server_cli.serve_command, ["--backend", "torch"])
     assert result.exit_code == 0, result.output
-    model_dir = tmp_path / "home" / f"demo-model-v{DEMO_VERSION}"
+    model_dir = tmp_path / "home" / DEMO_MODEL
     # trained in a .partial folder, renamed into place only once training has finished
-    assert [(o.preset, o.data, o.out, o.resume) for o in calls] == [("small", "demo", str(model_dir) + ".partial", None)]
-    assert (model_dir / "ckpt.pt").is_file() and not (tmp_path / "home" / f"demo-model-v{DEMO_VERSION}.partial").exists()
+    assert [(o.preset, o.data, o.out, o.resume) for o in calls] == [("small-effnet", "demo", str(model_dir) + ".partial", None)]
+    assert (model_dir / "ckpt.pt").is_file() and not (tmp_path / "home" / f"{DEMO_MODEL}.partial").exists()
     assert "training one now" in result.output and "indexing the demo corpus" in result.output.lower()
     from mimic_engine.data import load_dataset
 
@@ -131,7 +134,7 @@ def test_search_command(tiny_ckpt, tiny_encoders, tmp_path):
 
 def test_interrupted_demo_training_resumes_instead_of_serving_a_half_trained_model(tmp_path, monkeypatch, tiny_encoders):
     monkeypatch.setenv("MIMIC_HOME", str(tmp_path / "home"))
-    partial = tmp_path / "home" / f"demo-model-v{DEMO_VERSION}.partial"
+    partial = tmp_path / "home" / f"{DEMO_MODEL}.partial"
     partial.mkdir(parents=True)
     enc = tiny_encoders("decoder")
     save_checkpoint(str(partial / "ckpt.pt"), enc.model, enc.tokenizer, {"step": 1})  # best-so-far of a killed run
@@ -152,7 +155,7 @@ def test_interrupted_demo_training_resumes_instead_of_serving_a_half_trained_mod
 
     from mimic_engine.training.comparison import DEFAULT_STEPS, VARIANTS, run_options
     from mimic_engine.training.options import TrainOptions
-    published = run_options(TrainOptions(preset="small", data="demo"), VARIANTS["mimic"], 0, "x", DEFAULT_STEPS, None)
+    published = run_options(TrainOptions(preset="small-effnet", data="demo"), VARIANTS["mimic"], 0, "x", DEFAULT_STEPS, None)
     assert dataclasses.replace(calls[0], out=published.out, resume=None, progress=False) == published
     assert (calls[0].steps, calls[0].max_minutes, calls[0].patience) == (DEFAULT_STEPS, 0.0, 0)
-    assert ckpt == str(tmp_path / "home" / f"demo-model-v{DEMO_VERSION}" / "ckpt.pt")
+    assert ckpt == str(tmp_path / "home" / DEMO_MODEL / "ckpt.pt")

@@ -366,10 +366,12 @@ def final_report(ckpt_path: str, opts: TrainOptions, dataset=None) -> dict:
 
         dataset = load_dataset(opts.data, opts.data_dir)
     report = {"checkpoint": ckpt_path, "fusion": opts.fusion, "preset": opts.preset}
+    corpus = {}  # dev and test are scored against one encoding of the corpus
     for split in ("dev", "test"):
         if split in dataset.queries and dataset.queries[split]:
             report[split] = evaluate(encoder, dataset, split, caption_keep=tuple(opts.final_caption_keep),
-                                     seed=opts.seed, batch_size=opts.eval_batch_size, sharded=True)
+                                     seed=opts.seed, batch_size=opts.eval_batch_size, sharded=True,
+                                     corpus_memo=corpus)
     report["diagnostics"] = diagnostics(encoder, dataset, seed=opts.seed, sharded=True)
     if distributed.is_main():
         update_checkpoint_meta(ckpt_path, {"final_metrics": {s: report[s]["results"] for s in ("dev", "test")

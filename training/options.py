@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from mimic_engine.config import FUSIONS, PRESETS, MimicConfig, TrainingStrategy, preset
+from mimic_engine.config import DEFAULT_PRESET, FUSIONS, PRESETS, MimicConfig, TrainingStrategy, preset
 from mimic_engine.data import KINDS as DATA_KINDS
 from mimic_engine.device import check_device
 from mimic_engine.errors import ConfigError, choice
@@ -26,10 +26,10 @@ from mimic_engine.evaluate import DEFAULT_KEEP_RATES
 
 FREEZABLE = ("vision", "text")
 
-# What each preset sets for the options left None. `small` is sized so that a default run
-# (demo corpus, 2 CPU cores) ends within 5 minutes. Its pretrained MiniLM text tower is frozen:
-# fine-tuning it costs ~5x per step on a CPU while the vision tower (from scratch), the projector
-# and the fusion decoder are what must learn.
+# What each preset sets for the options left None. `small` and `small-effnet` are sized so that a
+# default run (demo corpus, 2 CPU cores) ends within 5 minutes. Their pretrained MiniLM text tower is
+# frozen: fine-tuning it costs ~5x per step on a CPU while the image tower (`small`: from scratch),
+# the projector and the fusion decoder are what must learn.
 _COMMON_DEFAULTS = {"max_minutes": None, "eval_every": 100, "patience": 5, "freeze": ()}
 PRESET_DEFAULTS = {
     "tiny": dict(_COMMON_DEFAULTS),
@@ -45,7 +45,7 @@ _TUPLE_FIELDS = ("freeze", "select_keep", "final_caption_keep")
 
 @dataclass(frozen=True)
 class TrainOptions:
-    preset: str = "small"
+    preset: str = DEFAULT_PRESET  # small-effnet
     fusion: str = "decoder"
     data: str = "demo"
     data_dir: str | None = None

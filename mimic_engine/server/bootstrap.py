@@ -1,10 +1,10 @@
 """What `mimic-engine serve` and `search` open: a backend and an index, with the demo set-up as default.
 
 With no model and no index given, both use the demo setup, built on first use so they work on a
-fresh machine: the demo model `<home>/demo-model-v<N>/ckpt.pt` (trained once, about 2-3 minutes on 2 CPU
-cores) and the index `<home>/demo-index-v<N>` (filled from the demo corpus when empty), N being the demo
-corpus version; `<home>` is $MIMIC_HOME or ~/.cache/mimic-engine. The demo model is the published
-comparison's MiMIC run for seed 0 (`mimic-engine compare`: the same options, an equal step budget,
+fresh machine: the demo model `<home>/demo-model-v<N>-<preset>/ckpt.pt` (trained once, about 5 minutes
+on 2 CPU cores) and the index `<home>/demo-index-v<N>-<preset>` (filled from the demo corpus when empty),
+N being the demo corpus version and <preset> the default preset (`small-effnet`); `<home>` is
+$MIMIC_HOME or ~/.cache/mimic-engine. The demo model is the published comparison's MiMIC run for seed 0 (`mimic-engine compare`: the same options, an equal step budget,
 no time limit), so docs/results.md describes the model that is served, on a busy machine as on an
 idle one.
 """
@@ -25,19 +25,21 @@ def _stderr(message: str) -> None:
 
 def demo_paths():
     """-> (the demo checkpoint, the demo index folder) under the mimic-engine home. Both are named after
-    the demo corpus version, so a model trained on an earlier corpus is never served with a newer one
-    (a new version trains and indexes afresh; the old folders can be deleted)."""
+    the demo corpus version and the default preset, so a model trained on an earlier corpus, or with
+    the image tower of an earlier default, is never served (a new version trains and indexes afresh;
+    the old folders can be deleted)."""
+    from ..config import DEFAULT_PRESET
     from ..data import default_home
     from ..data.demo import FORMAT_VERSION
 
-    home = default_home()
-    return home / f"demo-model-v{FORMAT_VERSION}" / "ckpt.pt", home / f"demo-index-v{FORMAT_VERSION}"
+    home, name = default_home(), f"v{FORMAT_VERSION}-{DEFAULT_PRESET}"
+    return home / f"demo-model-{name}" / "ckpt.pt", home / f"demo-index-{name}"
 
 
 def ensure_demo_model(echo: Callable[[str], None] = _stderr) -> str:
     """The demo checkpoint, trained first if missing (once per machine).
 
-    Training runs in `demo-model-v<N>.partial/` and the folder is renamed into place only when training
+    Training runs in `demo-model-v<N>-<preset>.partial/` and the folder is renamed into place only when training
     and its final evaluation have finished, so an interrupted first start never leaves a half-trained
     model that later starts would take for the real one; the next start resumes from its last.pt.
     """
@@ -52,14 +54,14 @@ def ensure_demo_model(echo: Callable[[str], None] = _stderr) -> str:
         return str(ckpt)
     partial = ckpt.parent.with_name(ckpt.parent.name + ".partial")
     resume = partial / "last.pt"
+    comparison_run = run_options(TrainOptions(data="demo"), VARIANTS["mimic"], seed=0, out=str(partial),
+                                 steps=DEFAULT_STEPS, minutes=None)
     if resume.is_file():
         echo(f"Resuming the interrupted training of the demo model in {partial}.")
     else:
-        echo(f"No demo model at {ckpt}: training one now (preset 'small' on the demo corpus, {DEFAULT_STEPS} steps, "
-             "about 2-3 minutes on 2 idle CPU cores; this happens once). Pass --model to serve your own checkpoint "
-             "or export.")
-    comparison_run = run_options(TrainOptions(preset="small", data="demo"), VARIANTS["mimic"], seed=0, out=str(partial),
-                                 steps=DEFAULT_STEPS, minutes=None)
+        echo(f"No demo model at {ckpt}: training one now (preset {comparison_run.preset!r} on the demo corpus, "
+             f"{DEFAULT_STEPS} steps, about 5 minutes on 2 idle CPU cores; this happens once). Pass --model to serve "
+             "your own checkpoint or export.")
     options = dataclasses.replace(comparison_run, out=str(partial), progress=True,
                                   resume=str(resume) if resume.is_file() else None)
     training.run_training(options, echo=echo)
