@@ -107,8 +107,9 @@ def cpu_candidates(cpu, variants: set, installed: set) -> list[tuple[str, str]]:
     """(backend, reason) on a CPU, best first: `cpu` a cpu_features.CpuInfo, `variants` the export's
     graph variants (empty for a bare checkpoint), `installed` the runtimes among openvino/onnxruntime.
 
-    OpenVINO bf16 on a CPU that computes bf16 natively keeps min cosine >= 0.9999 against fp32 and is
-    the fastest there (docs/results.md has the table); elsewhere, and without OpenVINO, the fp32
+    OpenVINO bf16 on a CPU that computes bf16 natively is the fastest there and costs no Recall@10 on
+    the demo (min cosine against fp32: 0.99996 with the ViT tower, 0.991 with EfficientNet-Lite0's 16
+    convolution blocks; docs/results.md has the table); elsewhere, and without OpenVINO, the fp32
     graphs. PyTorch bf16 autocast (`torch-bf16`) is not chosen: measured on an AMX Xeon it was no
     faster than eager fp32 for single items (0.93x at batch 1, 0.68x at batch 8, 1.18x at 64). The
     int8 backends are lossy (min cosine about 0.98) and are never chosen by `auto`: name them to use them.
