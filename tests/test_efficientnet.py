@@ -156,6 +156,33 @@ def test_towers_with_the_same_weights_share_one_memo(tiny_effnet_encoders):
     assert calls == [2, 2, 2, 2, 2]
 
 
+def test_demo_index_fill_reads_the_tokens_training_memoised(tiny_effnet_encoders):
+    # serve's first start: the torch backend reads the frozen tower's tokens from the training run's
+    # memo while it indexes the demo corpus, then the memo is freed
+    from mimic_engine.modeling.towers import _FEATURE_CACHES
+    from mimic_engine.runtime.torch_backend import TorchBackend
+    from mimic_engine.server.bootstrap import _memoised_image_tokens
+
+    enc = tiny_effnet_encoders("decoder")
+    trained = copy.deepcopy(enc.model).eval()  # the training run's model: the same frozen tower
+    backend = TorchBackend(copy.deepcopy(enc.model), enc.tokenizer)
+    items = mixed_items()
+    pixels = backend.preprocessor.collate(items).pixel_values
+    trained.vision_stage.enable_feature_cache()
+    with torch.no_grad():
+        trained.vision_stage(pixels)  # memoised as training would
+    calls = []
+    backend.model.vision_stage.model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    expected = backend.encode(items)  # no memo yet on the backend: the tower runs
+    assert calls == [len(pixels)]
+    with _memoised_image_tokens(backend):
+        np.testing.assert_allclose(backend.encode(items), expected, atol=1e-6)
+    assert calls == [len(pixels)]  # every image's tokens came from the memo
+    assert not _FEATURE_CACHES and backend.model.vision_stage._cache is None  # freed, and off again
+    backend.encode(items)
+    assert calls == [len(pixels)] * 2
+
+
 def test_trainer_caches_a_frozen_tower_and_fine_tunes_an_unfrozen_one(tmp_path, monkeypatch):
     import json
 

@@ -136,6 +136,19 @@ def test_perfect_encoder_and_caption_removal(dataset):
     assert sum(1 for s in enc.seen if s[0] == "query") == N_TEXT + N_IMAGE
 
 
+def test_splits_share_one_corpus_encoding_through_the_memo(dataset):
+    # the final report scores dev and test against one encoding of the corpus
+    enc = LabelEncoder("text", pixel_labels(dataset))
+    alone = {split: evaluate(LabelEncoder("text", pixel_labels(dataset)), dataset, split, caption_keep=(1.0, 0.0))
+             for split in ("dev", "test")}
+    memo = {}
+    shared = {split: evaluate(enc, dataset, split, caption_keep=(1.0, 0.0), corpus_memo=memo) for split in ("dev", "test")}
+    assert shared == alone
+    assert len([s for s in enc.seen if s[0] == "document"]) == len(dataset.documents) + N_IMAGE  # once, not twice
+    evaluate(enc, dataset, "test", caption_keep=(1.0,), corpus_memo=memo)  # other rates: encoded again
+    assert len([s for s in enc.seen if s[0] == "document"]) == 2 * len(dataset.documents) + N_IMAGE
+
+
 def test_keep_zero_encodes_no_caption(dataset):
     enc = LabelEncoder("text", pixel_labels(dataset))
     evaluate(enc, dataset, caption_keep=(0.0,))
