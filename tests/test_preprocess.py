@@ -148,3 +148,24 @@ def test_pillow_bomb_guard_reports_the_configured_limit():
         decode_image(buf.getvalue(), "doc", max_pixels=1_000_000)
     assert "400000000 pixels exceeds the limit of 1000000" in str(info.value), str(info.value)
     assert "178956970" not in str(info.value)
+
+
+@pytest.mark.parametrize("preset_name", ["tiny", "small-effnet"])  # CLIP's and EfficientNet-Lite's mean / std
+def test_normalisation_table_gives_the_arithmetic_values(preset_name):
+    # pixels go through a per-channel lookup table; it must equal (x / 255 - mean) / std exactly
+    import numpy as np
+    from PIL import Image
+
+    from mimic_engine.config import preset
+    from mimic_engine.preprocess import Preprocessor
+
+    config = preset(preset_name)
+    pre = Preprocessor(config, type("Tok", (), {"pad_token_id": 0})())
+    size = config.vision.image_size
+    pixels = np.random.default_rng(0).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    pixels[0, :3] = [[0, 0, 0], [255, 255, 255], [127, 128, 129]]  # both ends of the range
+    got = pre.image_tensor(Image.fromarray(pixels))
+    mean, std = np.asarray(config.vision.image_mean, np.float32), np.asarray(config.vision.image_std, np.float32)
+    expected = ((pixels.astype(np.float32) / np.float32(255.0) - mean) / std).transpose(2, 0, 1)
+    assert got.dtype == torch.float32 and got.shape == (3, size, size) and got.is_contiguous()
+    np.testing.assert_array_equal(got.numpy(), expected)
