@@ -17,7 +17,7 @@ import abc
 import numpy as np
 
 from ..errors import InputError, MimicError
-from .store import MODALITIES, IndexMismatchError, StoredDocument
+from .store import MODALITIES, IndexMismatchError, StoredDocument, validate_documents
 
 
 class IndexClosedError(MimicError):
@@ -108,6 +108,16 @@ def unit_rows(vectors, dim: int, what: str) -> np.ndarray:
     if (norms == 0).any():
         raise InputError(f"{what}: row {int(np.flatnonzero(norms[:, 0] == 0)[0])} is the zero vector, which has no direction")
     return arr / norms
+
+
+def checked_upsert(docs: list[StoredDocument], vectors, dim: int) -> np.ndarray:
+    """The argument checks of every backend's upsert: -> (N, dim) unit rows, one per document;
+    InputError for a vector count that differs from the documents' or an invalid document."""
+    vecs = unit_rows(vectors, dim, "upsert vectors")
+    if len(vecs) != len(docs):
+        raise InputError(f"upsert got {len(docs)} documents but {len(vecs)} vectors; send one vector per document")
+    validate_documents(docs)
+    return vecs
 
 
 def check_k(k) -> None:

@@ -37,11 +37,11 @@ import time
 import numpy as np
 
 from ..errors import InputError, MimicError
-from .base import IndexClosedError, VectorIndex, check_ef, check_k, check_modality, model_mismatch
+from .base import IndexClosedError, VectorIndex, check_ef, check_k, check_modality, checked_upsert, model_mismatch
 from .base import unit_rows as _unit_rows
 from .hnsw import TEMP_MARK, HnswGraph, file_crc32, fsync_dir
 from .store import (MODALITIES, STORE_FILE, DocumentStore, IndexMismatchError, StoreDamagedError, StoredDocument,
-                    damaged_store_message, validate_documents)
+                    damaged_store_message)
 
 log = logging.getLogger(__name__)
 
@@ -405,10 +405,7 @@ class DocumentIndex(VectorIndex):
         self._check_open()
         if len(docs) == 0:
             return 0
-        vecs = _unit_rows(vectors, self.dim, "upsert vectors")
-        if len(vecs) != len(docs):
-            raise InputError(f"upsert got {len(docs)} documents but {len(vecs)} vectors; send one vector per document")
-        validate_documents(docs)
+        vecs = checked_upsert(docs, vectors, self.dim)
         with self._write_mutex:  # one writer at a time: store and graph change in the same order
             self._check_open()
             with self._lock.write():  # store commit + removal of replaced versions: atomic for searches

@@ -30,9 +30,10 @@ import threading
 import numpy as np
 
 from ..errors import InputError, MimicError, require
-from .base import IndexClosedError, VectorIndex, check_ef, check_k, check_modality, model_mismatch, unit_rows
+from .base import (IndexClosedError, VectorIndex, check_ef, check_k, check_modality, checked_upsert, model_mismatch,
+                   unit_rows)
 from .document_index import DEFAULTS, RWLock
-from .store import IndexMismatchError, MODALITIES, StoredDocument, validate_documents
+from .store import IndexMismatchError, MODALITIES, StoredDocument
 
 log = logging.getLogger(__name__)
 
@@ -293,10 +294,7 @@ class MilvusIndex(VectorIndex):
         self._check_open()
         if len(docs) == 0:
             return 0
-        vecs = unit_rows(vectors, self.dim, "upsert vectors")
-        if len(vecs) != len(docs):
-            raise InputError(f"upsert got {len(docs)} documents but {len(vecs)} vectors; send one vector per document")
-        validate_documents(docs)
+        vecs = checked_upsert(docs, vectors, self.dim)
         rows = [_row(d, v) for d, v in zip(docs, vecs)]
         with self._write_mutex, self._rw.read():
             self._check_open()

@@ -4,9 +4,9 @@ With no model and no index given, both use the demo setup, built on first use so
 fresh machine: the demo model `<home>/demo-model-v<N>-<preset>/ckpt.pt` (trained once, about 5 minutes
 on 2 CPU cores) and the index `<home>/demo-index-v<N>-<preset>` (filled from the demo corpus when empty),
 N being the demo corpus version and <preset> the default preset (`small-effnet`); `<home>` is
-$MIMIC_HOME or ~/.cache/mimic-engine. The demo model is the published comparison's MiMIC run for seed 0 (`mimic-engine compare`: the same options, an equal step budget,
-no time limit), so docs/results.md describes the model that is served, on a busy machine as on an
-idle one.
+$MIMIC_HOME or ~/.cache/mimic-engine. The demo model is the published comparison's MiMIC run for seed 0
+(`mimic-engine compare`: the same options, an equal step budget, no time limit), so docs/results.md
+describes the model that is served, on a busy machine as on an idle one.
 """
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ def demo_paths():
 def ensure_demo_model(echo: Callable[[str], None] = _stderr) -> str:
     """The demo checkpoint, trained first if missing (once per machine).
 
-    Training runs in `demo-model-v<N>-<preset>.partial/` and the folder is renamed into place only when training
-    and its final evaluation have finished, so an interrupted first start never leaves a half-trained
+    Training runs in `demo-model-v<N>-<preset>.partial/` and the folder is renamed into place only when
+    training and its final evaluation have finished, so an interrupted first start never leaves a half-trained
     model that later starts would take for the real one; the next start resumes from its last.pt.
     """
     import dataclasses
